@@ -1,0 +1,291 @@
+"""`tracekit` command line: a thin click layer over the Python API.
+
+Exit codes: 0 ok, 1 findings worth failing a CI gate (e.g. ``attribute --fail-on``),
+2 bad input (one line on stderr, never a traceback; TRACEKIT_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from . import __version__
+from .errors import TracekitError
+
+
+class _Group(click.Group):
+    """Turns every failure into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("tracekit: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the CLI's contract is one clear line
+            if os.environ.get("TRACEKIT_DEBUG"):
+                raise
+            click.echo(f"tracekit: error: {_one_line(e)}", err=True)
+            sys.exit(getattr(e, "exit_code", 2) if isinstance(e, TracekitError) else 2)
+
+
+def _one_line(e: BaseException) -> str:
+    from .store.reader import one_line
+
+    msg = one_line(e)
+    return msg if isinstance(e, TracekitError) else f"{type(e).__name__}: {msg}"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tracekit")
+def cli() -> None:
+    """Record vLLM RL rollouts, replay them on another engine, attribute the logprob drift."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="tracekit")
+
+
+trace_arg = click.argument("trace", type=click.Path(path_type=Path))
+
+
+# ---------------------------------------------------------------------- render helpers
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=False)
+
+
+def emit_rows(cols: list[str], rows: list[tuple[Any, ...]], fmt: str, title: str | None = None) -> None:
+    """Print query results as a rich table, CSV or JSON lines-free JSON array."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1))
+    else:
+        from rich.table import Table
+
+        t = Table(title=title, show_lines=False)
+        for c in cols:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*[_cell(v) for v in r])
+        _console().print(t)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "[dim]NULL[/dim]"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------- info / validate
+@cli.command()
+@trace_arg
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def info(trace: Path, fmt: str) -> None:
+    """What a trace holds: runs, engines, steps, requests, tokens, weights, replays, size."""
+    from .store.info import info as get_info
+
+    d = get_info(trace)
+    if fmt == "json":
+        click.echo(json.dumps(d, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    con = _console()
+    con.print(f"[bold]trace[/bold] {d['path']}  (id {d['trace_id']}, format v{d['format_version']}, "
+              f"created {d['created']} by tracekit {d['tracekit_version']})")
+    bpt = f"{d['bytes_per_token']:.2f} B/token" if d["bytes_per_token"] else "-"
+    con.print(
+        f"runs {d['runs']} ({d['runs_not_closed']} not closed) · steps {d['steps']} "
+        f"{d['step_range'] if d['steps'] else ''} · requests {d['requests']:,} · tokens {d['tokens']:,} · "
+        f"trainer tokens {d['trainer_tokens']:,}"
+    )
+    con.print(
+        f"weight versions used {d['weight_versions_used']} · snapshots {d['weight_snapshots']} · "
+        f"syncs {d['weight_syncs']} · size {d['size_bytes'] / 1e6:.2f} MB · tokens table {bpt}"
+    )
+    if d["rows_dropped"]:
+        con.print(f"[red]rows dropped by the recorder:[/red] {d['rows_dropped']}")
+    if d["engines"]:
+        t = Table(title="engines")
+        for k in d["engines"][0]:
+            t.add_column(k, overflow="fold")
+        for e in d["engines"]:
+            t.add_row(*[_cell(v) for v in e.values()])
+        con.print(t)
+    if d["replays"]:
+        t = Table(title="replays")
+        for k in ("name", "mode", "requests_ok", "requests_not_ok", "tokens", "overrides"):
+            t.add_column(k, overflow="fold")
+        for r in d["replays"]:
+            t.add_row(*[_cell(r[k]) for k in ("name", "mode", "requests_ok", "requests_not_ok", "tokens", "overrides")])
+        con.print(t)
+
+
+@cli.command()
+@trace_arg
+@click.option("--quick", is_flag=True, help="Footers and schemas only; skip decoding every page.")
+def validate(trace: Path, quick: bool) -> None:
+    """Check schemas, keys, references and weight blob hashes. Exit 2 on any error."""
+    from .store.validate import validate as run_validate
+
+    findings = run_validate(trace, deep=not quick)
+    errors = [f for f in findings if f.level == "error"]
+    for f in findings:
+        click.echo(f"{f.level}: {f.message}", err=f.level == "error")
+    if errors:
+        sys.exit(2)
+    click.echo(f"ok: {trace} is a valid trace" + (f" ({len(findings)} warning(s))" if findings else ""))
+
+
+# ---------------------------------------------------------------------- sql
+@cli.command()
+@trace_arg
+@click.argument("query", required=False)
+@click.option("--query", "-q", "name", help="Run a canned query by name (see --list).")
+@click.option("--list", "list_", is_flag=True, help="List the canned queries.")
+@click.option("--show", is_flag=True, help="Print the canned query's SQL instead of running it.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def sql(trace: Path, query: str | None, name: str | None, list_: bool, show: bool, fmt: str) -> None:
+    """Read-only SQL on the trace's DuckDB views. No QUERY: interactive shell (or SQL on stdin)."""
+    from .compare import queries
+    from .store.reader import Trace
+    from .store.sql import run_query
+
+    if list_:
+        emit_rows(["name", "description"], [(q.name, q.description) for q in queries.all_queries()], fmt)
+        return
+    if name:
+        q = queries.get(name)
+        if show:
+            click.echo(q.sql)
+            return
+        query = q.sql
+    t = Trace(trace)
+    con = t.connect(read_only=True)
+    if query is None and not sys.stdin.isatty():
+        query = sys.stdin.read()
+    if query is None:
+        _shell(con, t.root, fmt)
+        return
+    cols, rows = run_query(con, query)
+    emit_rows(cols, rows, fmt)
+
+
+def _shell(con: Any, root: Path, fmt: str) -> None:
+    """Minimal interactive shell with readline history; errors print and the shell goes on."""
+    from .store.sql import run_query
+
+    try:
+        import readline
+
+        hist = Path(os.environ.get("TRACEKIT_HISTORY", Path.home() / ".tracekit_history"))
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+    except ImportError:  # pragma: no cover - Windows
+        readline = None  # type: ignore[assignment]
+    click.echo(f"tracekit sql on {root} (read-only). Views: "
+               "requests, tokens, trainer, engines, weights, weight_syncs, runs, replays, replay_tokens, ...\n"
+               "End statements with ';'. .tables lists views, .quit exits.")
+    buf = ""
+    while True:
+        try:
+            line = input("tracekit> " if not buf else "     ...> ")
+        except EOFError:
+            break
+        if not buf and line.strip() in (".quit", ".exit", "\\q"):
+            break
+        if not buf and line.strip() == ".tables":
+            line = "SELECT table_name, table_type FROM information_schema.tables ORDER BY 1;"
+        buf += line + "\n"
+        if not buf.strip().endswith(";"):
+            continue
+        try:
+            cols, rows = run_query(con, buf)
+            emit_rows(cols, rows, fmt)
+        except TracekitError as e:
+            click.echo(f"error: {e}", err=True)
+        buf = ""
+    if readline is not None:
+        try:
+            readline.write_history_file(hist)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------- weights
+@cli.group()
+def weights() -> None:
+    """Weight snapshots stored in a trace."""
+
+
+@weights.command("ls")
+@trace_arg
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def weights_ls(trace: Path, fmt: str) -> None:
+    """One line per stored version: tensors, bytes, new blobs."""
+    from .store.reader import Trace
+
+    cols, rows = _q(Trace(trace),
+        "SELECT version, any_value(step) AS step, count(*) AS tensors, sum(nbytes) AS bytes, "
+        "min(created_at) AS created_at FROM weights GROUP BY version ORDER BY version")
+    emit_rows(cols, rows, fmt, title="weight snapshots")
+
+
+@weights.command("verify")
+@trace_arg
+def weights_verify(trace: Path) -> None:
+    """Check every blob exists, is safetensors and matches its sha256. Exit 2 if not."""
+    from .store.reader import Trace
+    from .store.weights import verify
+
+    problems = verify(Trace(trace))
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo("ok: all weight blobs verified")
+
+
+@weights.command("export")
+@trace_arg
+@click.argument("version", type=int)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--like", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Model directory whose config/tokenizer files are copied beside the weights.")
+def weights_export(trace: Path, version: int, out_dir: Path, like: Path | None) -> None:
+    """Write VERSION as OUT/model.safetensors (verified), loadable by vLLM."""
+    from .store.reader import Trace
+    from .store.weights import export_snapshot
+
+    p = export_snapshot(Trace(trace), version, out_dir, like=like)
+    click.echo(str(p))
+
+
+def _q(t: Any, sql_text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    from .store.sql import run_query
+
+    return run_query(t.connect(read_only=True), sql_text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,197 @@
+"""Open a trace directory and expose every table as a DuckDB view.
+
+Views read the Parquet parts in place (``*.parquet`` never matches the hidden temp files of a
+part being written), so a trace can be queried while it is being recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow.parquet as pq
+
+from ..errors import QueryError, TraceFormatError
+from ..schema import Table, tables
+from .manifest import read_manifest
+
+REPLAYS_DIR = "replays"
+REPLAY_META = "replay.json"
+
+
+@dataclass(frozen=True)
+class Part:
+    table: str
+    replay: str | None
+    path: Path
+
+
+def _sql_str(s: str | Path) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+class Trace:
+    """A trace directory: manifest checked on open, tables as DuckDB views on ``connect()``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+
+    # ------------------------------------------------------------------ layout
+    def replay_names(self) -> list[str]:
+        d = self.root / REPLAYS_DIR
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def replay_meta(self, name: str) -> dict[str, Any]:
+        p = self.root / REPLAYS_DIR / name / REPLAY_META
+        if not p.exists():
+            return {"name": name}
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TraceFormatError(f"{p}: corrupt replay metadata ({e})") from None
+
+    def parts(self, table: str | None = None) -> Iterator[Part]:
+        """Every complete part on disk, optionally of one table."""
+        for t in tables().values():
+            if table and t.name != table:
+                continue
+            if t.is_replay_table:
+                for r in self.replay_names():
+                    for p in sorted(t.dir(self.root, r).glob("*.parquet")):
+                        yield Part(t.name, r, p)
+            else:
+                for p in sorted(t.dir(self.root).glob("*.parquet")):
+                    yield Part(t.name, None, p)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    # ------------------------------------------------------------------ DuckDB
+    def connect(self, *, read_only: bool = True, check_parts: bool = True) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with one view per table.
+
+        ``read_only`` locks the connection down for untrusted SQL (see :mod:`tracekit.store.sql`).
+        ``check_parts`` reads every part's footer first so a corrupt file is named up front.
+        """
+        if check_parts:
+            self.check_parts()
+        con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+        con.execute(f"SET temp_directory={_sql_str(tempfile.gettempdir())}")
+        for t in tables().values():
+            con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t)}")
+        self._create_replays_view(con)
+        from ..compare import views as compare_views  # late import: compare builds on the store
+
+        compare_views.install(con, self)
+        if read_only:
+            from .sql import lock_down
+
+            lock_down(con, self.root)
+        return con
+
+    def _view_sql(self, t: Table) -> str:
+        if t.is_replay_table:
+            names = [r for r in self.replay_names() if any(t.dir(self.root, r).glob("*.parquet"))]
+            if not names:
+                return _empty_select(t, extra="NULL::VARCHAR AS replay")
+            files = ", ".join(_sql_str(t.dir(self.root, r) / "*.parquet") for r in names)
+            pattern = f"/{REPLAYS_DIR}/([^/]+)/"
+            return (
+                f"SELECT regexp_extract(filename, {_sql_str(pattern)}, 1) AS replay, "
+                f"* EXCLUDE (filename) FROM read_parquet([{files}], union_by_name=true, filename=true)"
+            )
+        d = t.dir(self.root)
+        if not any(d.glob("*.parquet")):
+            return _empty_select(t)
+        return f"SELECT * FROM read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
+
+    def _create_replays_view(self, con: duckdb.DuckDBPyConnection) -> None:
+        rows = []
+        for r in self.replay_names():
+            m = self.replay_meta(r)
+            rows.append((r, m.get("mode"), json.dumps(m)))
+        con.execute("CREATE TABLE replays (replay VARCHAR, mode VARCHAR, meta JSON)")
+        if rows:
+            con.executemany("INSERT INTO replays VALUES (?, ?, ?)", rows)
+
+    def check_parts(self) -> None:
+        """Read every part's footer; raise TraceFormatError naming the first bad file."""
+        for part in self.parts():
+            check_part(part)
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one trusted query on a fresh read-only connection (Python API convenience)."""
+        con = self.connect()
+        try:
+            return con.execute(sql, params or []).fetchall()
+        except duckdb.Error as e:
+            raise QueryError(one_line(e)) from None
+        finally:
+            con.close()
+
+
+def check_part(part: Part) -> pq.FileMetaData:
+    """Footer and schema check of one part; TraceFormatError with the file name if bad."""
+    from ..schema import table as get_table
+
+    t = get_table(part.table)
+    try:
+        md = pq.read_metadata(part.path)
+    except Exception as e:
+        raise TraceFormatError(f"{part.path}: not a readable Parquet part ({one_line(e)})") from None
+    schema = md.schema.to_arrow_schema()
+    want = t.arrow_schema
+    for f in schema:
+        if f.name not in want.names:
+            raise TraceFormatError(f"{part.path}: column {f.name!r} is not in the {t.name} schema")
+        if not f.type.equals(want.field(f.name).type):
+            raise TraceFormatError(
+                f"{part.path}: column {f.name!r} has type {f.type}, schema says {want.field(f.name).type}"
+            )
+    for f in want:
+        if not f.nullable and f.name not in schema.names:
+            raise TraceFormatError(f"{part.path}: required column {f.name!r} is missing")
+    return md
+
+
+def _empty_select(t: Table, extra: str | None = None) -> str:
+    cols = [f"NULL::{_duck_type(c.type)} AS {c.name}" for c in t.columns]
+    if extra:
+        cols.insert(0, extra)
+    return f"SELECT {', '.join(cols)} WHERE false"
+
+
+def _duck_type(spec: str) -> str:
+    if spec.startswith("list<"):
+        return _duck_type(spec[5:-1]) + "[]"
+    return {
+        "string": "VARCHAR",
+        "json": "VARCHAR",
+        "bool": "BOOLEAN",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float32": "FLOAT",
+        "float64": "DOUBLE",
+        "timestamp": "TIMESTAMPTZ",
+    }[spec]
+
+
+def one_line(e: BaseException) -> str:
+    """First meaningful line of an exception message."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return type(e).__name__
+
+
+def open_trace(root: str | Path) -> Trace:
+    return Trace(root)

@@ -1,0 +1,382 @@
+"""TraceWriter: rows from any thread → bounded queue → one background thread → Parquet parts.
+
+Contract (the recorder relies on it):
+- ``write`` never blocks and never raises. A full queue, a bad row or a failing disk turns into
+  counted drops, reported by ``stats()`` and written to ``runs/`` on close.
+- A part becomes visible only when complete (temp file, fsync, rename, fsync dir), so a
+  ``kill -9`` loses at most what was buffered: one flush interval.
+- Parts are rolled by size (``part_max_rows``) and by time (``flush_interval``); rows inside a
+  part are sorted by the table's ``sort_by`` so Parquet's delta/dictionary encodings pay off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import datetime as _dt
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import __version__
+from ..schema import Table, table as get_table
+from .manifest import ensure_manifest
+from .parquet import write_part_atomic
+
+log = logging.getLogger("tracekit.writer")
+
+Rows = Mapping[str, Any] | Sequence[Mapping[str, Any]] | pa.RecordBatch | pa.Table
+
+
+@dataclass
+class WriterStats:
+    rows_written: dict[str, int] = field(default_factory=dict)
+    rows_dropped: dict[str, int] = field(default_factory=dict)
+    parts_written: int = 0
+    bytes_written: int = 0
+    queue_high_water: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.rows_dropped.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows_written": dict(self.rows_written),
+            "rows_dropped": dict(self.rows_dropped),
+            "parts_written": self.parts_written,
+            "bytes_written": self.bytes_written,
+            "queue_high_water": self.queue_high_water,
+            "errors": list(self.errors[-20:]),
+        }
+
+
+_MAX_ERRORS = 100
+_live_writers: "weakref.WeakSet[TraceWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for w in list(_live_writers):
+        w.close(timeout=10.0)
+
+
+class TraceWriter:
+    """Append rows to a trace directory from any number of threads.
+
+    ``kind`` labels the run in ``runs/`` ('record', 'proxy', 'replay', ...). ``replay`` routes
+    replay tables to ``replays/<replay>/``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        kind: str = "record",
+        run_id: str | None = None,
+        flush_interval: float = 1.0,
+        part_max_rows: int = 1 << 20,
+        max_queue_rows: int = 8 << 20,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.kind = kind
+        self.run_id = run_id or uuid.uuid4().hex
+        self.flush_interval = float(flush_interval)
+        self.part_max_rows = int(part_max_rows)
+        self.max_queue_rows = int(max_queue_rows)
+        self._stats = WriterStats()
+        self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[str, str | None, Any, int]] = collections.deque()
+        self._queued_rows = 0
+        self._wake = threading.Event()
+        self._flush_requests: list[threading.Event] = []
+        self._closing = False
+        self._closed = False
+        self._seq = 0
+        self.ok = True
+        try:
+            ensure_manifest(self.root, meta)
+        except Exception as e:  # never raise into the job: record and drop everything
+            self.ok = False
+            self._error(f"cannot open trace {self.root}: {e}")
+            log.warning("tracekit: recording disabled: %s", e)
+        self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
+        self._thread.start()
+        _live_writers.add(self)
+        self.write(
+            "runs",
+            {
+                "run_id": self.run_id,
+                "event": "start",
+                "time": _now(),
+                "kind": kind,
+                "tracekit_version": __version__,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "argv": list(sys.argv),
+            },
+        )
+
+    # ------------------------------------------------------------------ caller side
+    def write(self, table: str, rows: Rows, *, replay: str | None = None) -> bool:
+        """Queue rows for ``table``: one row dict, a list of row dicts, or Arrow data.
+
+        Returns False (and counts the drop) when the queue is full or the writer is closed.
+        """
+        try:
+            n = _num_rows(rows)
+            if n == 0:
+                return True
+            with self._lock:
+                if self._closed or not self.ok or self._queued_rows + n > self.max_queue_rows:
+                    self._count_drop(table, n)
+                    return False
+                self._queue.append((table, replay, rows, n))
+                self._queued_rows += n
+                if self._queued_rows > self._stats.queue_high_water:
+                    self._stats.queue_high_water = self._queued_rows
+            if self._queued_rows >= self.part_max_rows:
+                self._wake.set()
+            return True
+        except Exception as e:  # malformed input must not reach the job
+            self._error(f"write({table}): {e}")
+            return False
+
+    def write_columns(
+        self, table: str, cols: Mapping[str, Any], *, replay: str | None = None, **const: Any
+    ) -> bool:
+        """Queue equal-length columns (lists, numpy or Arrow arrays); ``const`` fills every row.
+
+        The cheap path for tokens: the caller hands over arrays, the writer thread converts.
+        """
+        try:
+            return self.write(table, _Columns(cols, const), replay=replay)
+        except Exception as e:
+            self._error(f"write_columns({table}): {e}")
+            return False
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write everything queued so far as parts; True when done within ``timeout``."""
+        done = threading.Event()
+        with self._lock:
+            if self._closed:
+                return True
+            self._flush_requests.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> WriterStats:
+        """Flush, write the run's 'close' row with its counters, and stop the thread.
+
+        Waits at most ``timeout`` seconds so a dead disk cannot stall the job's exit.
+        """
+        with self._lock:
+            already = self._closing
+            self._closing = True
+        if not already:
+            self.flush(timeout)
+            self.write(
+                "runs",
+                {
+                    "run_id": self.run_id,
+                    "event": "close",
+                    "time": _now(),
+                    "kind": self.kind,
+                    "tracekit_version": __version__,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "stats": _json(self._stats.as_dict()),
+                },
+            )
+            self.flush(timeout)
+            with self._lock:
+                self._closed = True
+            self._wake.set()
+            self._thread.join(timeout)
+            _live_writers.discard(self)
+        return self.stats()
+
+    def stats(self) -> WriterStats:
+        with self._lock:
+            s = self._stats
+            return WriterStats(
+                dict(s.rows_written), dict(s.rows_dropped), s.parts_written, s.bytes_written,
+                s.queue_high_water, list(s.errors),
+            )
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        buffers: dict[tuple[str, str | None], list[tuple[Any, int]]] = {}
+        first_at: dict[tuple[str, str | None], float] = {}
+        while True:
+            self._wake.wait(self._tick())
+            self._wake.clear()
+            with self._lock:
+                items = list(self._queue)
+                self._queue.clear()
+                self._queued_rows = 0
+                flushes, self._flush_requests = self._flush_requests, []
+                closed = self._closed
+            now = time.monotonic()
+            for tname, replay, rows, n in items:
+                key = (tname, replay)
+                buffers.setdefault(key, []).append((rows, n))
+                first_at.setdefault(key, now)
+            force = bool(flushes) or closed
+            # Parent tables first: a crash between two renames leaves requests without tokens
+            # (visible as short requests), never tokens without their request.
+            for key in sorted(buffers, key=_table_order):
+                buf = buffers[key]
+                rows_in = sum(n for _, n in buf)
+                if force or rows_in >= self.part_max_rows or now - first_at[key] >= self.flush_interval:
+                    self._write_part(key, buf)
+                    del buffers[key]
+                    del first_at[key]
+            for ev in flushes:
+                ev.set()
+            if closed:
+                return
+
+    def _tick(self) -> float:
+        return max(0.01, min(self.flush_interval, 1.0))
+
+    def _write_part(self, key: tuple[str, str | None], buf: list[tuple[Any, int]]) -> None:
+        tname, replay = key
+        n = sum(k for _, k in buf)
+        try:
+            t = get_table(tname)
+            data = _to_arrow(t, [rows for rows, _ in buf])
+            if t.sort_by:
+                data = data.take(pc.sort_indices(data, [(c, "ascending") for c in t.sort_by]))
+            self._seq += 1
+            name = f"part-{time.time_ns():020d}-{self.run_id[:8]}-{self._seq:06d}.parquet"
+            size = write_part_atomic(data, t, t.dir(self.root, replay) / name)
+            with self._lock:
+                self._stats.rows_written[tname] = self._stats.rows_written.get(tname, 0) + n
+                self._stats.parts_written += 1
+                self._stats.bytes_written += size
+        except Exception as e:
+            with self._lock:
+                self._count_drop(tname, n)
+            self._error(f"writing {tname} part ({n} rows): {e}")
+
+    # ------------------------------------------------------------------ helpers
+    def _count_drop(self, table: str, n: int) -> None:
+        self._stats.rows_dropped[table] = self._stats.rows_dropped.get(table, 0) + n
+
+    def _error(self, msg: str) -> None:
+        if len(self._stats.errors) < _MAX_ERRORS:
+            self._stats.errors.append(msg)
+        if len(self._stats.errors) <= 3:
+            log.warning("tracekit: %s", msg)
+
+
+_ORDER = ["runs", "engines", "weights", "weight_syncs", "requests", "replay_requests"]
+
+
+def _table_order(key: tuple[str, str | None]) -> int:
+    return _ORDER.index(key[0]) if key[0] in _ORDER else len(_ORDER)
+
+
+def _num_rows(rows: Any) -> int:
+    if isinstance(rows, (pa.RecordBatch, pa.Table)):
+        return rows.num_rows
+    if isinstance(rows, _Columns):
+        return rows.n
+    if isinstance(rows, Mapping):
+        return 1
+    return len(rows)
+
+
+class _Columns:
+    """A dict-of-columns write: equal-length columns plus constants broadcast to every row."""
+
+    __slots__ = ("cols", "const", "n")
+
+    def __init__(self, cols: Mapping[str, Any], const: Mapping[str, Any]) -> None:
+        lens = {len(v) for v in cols.values()}
+        if len(lens) > 1:
+            raise ValueError(f"columns of unequal length {sorted(lens)}")
+        self.cols = dict(cols)
+        self.const = dict(const)
+        self.n = lens.pop() if lens else (1 if const else 0)
+
+
+def _to_arrow(t: Table, chunks: list[Any]) -> pa.Table:
+    schema = t.arrow_schema
+    batches: list[pa.Table] = []
+    for rows in chunks:
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        if isinstance(rows, pa.Table):
+            batches.append(_conform(rows, schema))
+            continue
+        if isinstance(rows, _Columns):
+            data: dict[str, Any] = dict(rows.cols)
+            for k, v in rows.const.items():
+                data[k] = [v] * rows.n
+            n = rows.n
+        elif isinstance(rows, Mapping):
+            data = {k: [v] for k, v in rows.items()}
+            n = 1
+        else:
+            keys: dict[str, None] = {}
+            for r in rows:
+                keys.update(dict.fromkeys(r))
+            data = {k: [r.get(k) for r in rows] for k in keys}
+            n = len(rows)
+        unknown = set(data) - set(schema.names)
+        if unknown:
+            raise ValueError(f"unknown column(s) {sorted(unknown)} for table {t.name}")
+        arrays = [_array(data[f.name], f) if f.name in data else pa.nulls(n, f.type) for f in schema]
+        batches.append(pa.Table.from_arrays(arrays, schema=schema))
+    out = pa.concat_tables(batches) if len(batches) > 1 else batches[0]
+    for f in schema:
+        if not f.nullable and out.column(f.name).null_count:
+            raise ValueError(f"column {t.name}.{f.name} is required but has nulls")
+    return out
+
+
+def _array(values: Any, f: pa.Field) -> pa.Array:
+    if f.type == pa.string() and not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = [v if v is None or isinstance(v, str) else _json(v) for v in values]
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.cast(f.type)
+    return pa.array(values, type=f.type, from_pandas=True)
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    unknown = set(t.column_names) - set(schema.names)
+    if unknown:
+        raise ValueError(f"unknown column(s) {sorted(unknown)}")
+    cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _json(v: Any) -> str:
+    import json
+
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)

@@ -1,0 +1,1 @@
+"""Helpers for tests and the demo: a tiny local model, engine start-up defaults for CPU."""
