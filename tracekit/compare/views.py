@@ -1,4 +1,22 @@
-"""DuckDB views that compare sources (recorded, trainer, replays); installed on every connection."""
+"""DuckDB views that compare sources (recorded, trainer, replays); installed on every connection.
+
+A *source* is one logprob per (request_id, pos):
+  ``recorded``                 tokens.logprob (as the recording engine returned it)
+  ``trainer``                  trainer.logprob (the trainer's own "old" logprob)
+  ``replay:<name>``            replay_tokens.logprob of replay <name> (raw, teacher-forced)
+  ``replay:<name>:processed``  replay_tokens.processed_logprob of replay <name>
+
+Views and table macros (usable from ``tracekit sql`` and Python):
+  ``token_sources``            long format: source, request_id, pos, logprob, entropy, weight_version
+  ``comparison_sources``       the source names this trace has
+  ``request_info``             one row per request with the grouping keys (step, group, sampling, cache hit)
+  ``token_diff(a, b, eps:=0.2)``   per-token Δ = a − b, ratio, clipped, k3, entropies, keys
+  ``seq_diff(a, b, eps:=0.2)``     per-request GSPO sequence ratio and clip, and token sums
+  ``diff_by_<key>(a, b, eps:=0.2)`` aggregated metrics; key in AGG_KEYS
+
+All comparisons are an inner hash join of the two sources on (request_id, pos): robust to
+sharded and resumed replays whose parts are not in the recording's row order.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +24,213 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from ..errors import QueryError
+
 if TYPE_CHECKING:
     from ..store.reader import Trace
 
+DEFAULT_EPS = 0.2
+
+# Grouping keys of ``diff_by_<key>``: SQL expression over request_info (r) / per-token rows (t).
+# Keys that live on the request carry GSPO sequence metrics; per-token keys do not.
+REQUEST_KEYS: dict[str, str] = {
+    "step": "r.step",
+    "request": "r.request_id",
+    "group": "r.group_id",
+    "sampling": "r.sampling",
+    "temperature": "r.temperature",
+    "cache_hit": "r.cache_hit",
+    "all": "'all'",
+}
+TOKEN_KEYS: dict[str, str] = {
+    "position": "s.pos",
+    "weight_version": "s.weight_version",
+}
+AGG_KEYS = tuple(REQUEST_KEYS) + tuple(TOKEN_KEYS)
+
+REQUEST_INFO_SQL = """
+SELECT request_id, step, group_id, sample_idx, engine_id,
+       temperature, top_p, top_k, min_p,
+       format('T={} top_p={} top_k={} min_p={}',
+              coalesce(temperature, 1.0), coalesce(top_p, 1.0),
+              CASE WHEN coalesce(top_k, 0) <= 0 THEN -1 ELSE top_k END, coalesce(min_p, 0.0)) AS sampling,
+       coalesce(num_cached_tokens, 0) > 0 AS cache_hit,
+       weight_version_start, weight_version_end
+FROM requests
+"""
+
+# One comparable token: both logprobs present. Δ is computed in DOUBLE. Token clip: ratio outside
+# [1 − eps, 1 + eps]; a token with exactly one -inf side has ratio 0 or +inf and counts as clipped;
+# both -inf gives Δ = NaN and the token is excluded from clip and KL (counted as nonfinite).
+TOKEN_DIFF_SQL = """
+SELECT x.request_id, x.pos, r.step, r.group_id, r.sampling, r.temperature, r.cache_hit,
+       coalesce(x.weight_version, y.weight_version) AS weight_version,
+       x.logprob::DOUBLE AS logprob_a, y.logprob::DOUBLE AS logprob_b,
+       x.logprob::DOUBLE - y.logprob::DOUBLE AS delta,
+       abs(x.logprob::DOUBLE - y.logprob::DOUBLE) AS abs_delta,
+       exp(x.logprob::DOUBLE - y.logprob::DOUBLE) AS ratio,
+       isfinite(x.logprob::DOUBLE - y.logprob::DOUBLE) AS finite,
+       CASE WHEN isnan(x.logprob::DOUBLE - y.logprob::DOUBLE) THEN NULL
+            ELSE abs(exp(x.logprob::DOUBLE - y.logprob::DOUBLE) - 1.0) > {eps} END AS clipped,
+       CASE WHEN isfinite(x.logprob::DOUBLE - y.logprob::DOUBLE)
+            THEN exp(y.logprob::DOUBLE - x.logprob::DOUBLE) - 1.0 + (x.logprob::DOUBLE - y.logprob::DOUBLE) END AS k3,
+       x.entropy AS entropy_a, y.entropy AS entropy_b
+FROM {a} AS x
+JOIN {b} AS y ON x.request_id = y.request_id AND x.pos = y.pos
+LEFT JOIN request_info AS r ON r.request_id = x.request_id
+WHERE x.logprob IS NOT NULL AND y.logprob IS NOT NULL
+"""
+
+# Per-request sums: token metrics aggregate exactly from these (Σ sums / Σ counts), and the GSPO
+# sequence ratio exp(mean Δ over the sequence) is per request by definition.
+SEQ_DIFF_SQL = """
+SELECT g.*,
+       exp(g.seq_mean_delta) AS seq_ratio,
+       CASE WHEN isnan(g.seq_mean_delta) THEN NULL ELSE abs(exp(g.seq_mean_delta) - 1.0) > {eps} END AS seq_clipped
+FROM (
+    SELECT t.request_id,
+           count(*) AS tokens,
+           count(*) FILTER (WHERE t.finite) AS finite_tokens,
+           count(*) FILTER (WHERE NOT t.finite) AS nonfinite_tokens,
+           count(t.clipped) AS clip_defined,
+           count(*) FILTER (WHERE t.clipped) AS clipped_tokens,
+           sum(t.delta) FILTER (WHERE t.finite) AS sum_delta,
+           sum(t.abs_delta) FILTER (WHERE t.finite) AS sum_abs_delta,
+           max(t.abs_delta) FILTER (WHERE t.finite) AS max_abs_delta,
+           sum(t.k3) AS sum_k3,
+           sum(t.entropy_a) AS sum_entropy_a, count(t.entropy_a) AS n_entropy_a,
+           sum(t.entropy_b) AS sum_entropy_b, count(t.entropy_b) AS n_entropy_b,
+           avg(t.delta) FILTER (WHERE NOT isnan(t.delta)) AS seq_mean_delta
+    FROM ({token_diff}) AS t
+    GROUP BY t.request_id
+) AS g
+"""
+
+# The metric columns every diff_by_<key> returns, from sums s.* (per request or per token key).
+_METRICS = """
+       coalesce(sum(s.tokens), 0)::BIGINT AS tokens,
+       sum(s.sum_delta) / nullif(sum(s.finite_tokens), 0) AS mean_delta,
+       sum(s.sum_abs_delta) / nullif(sum(s.finite_tokens), 0) AS mean_abs_delta,
+       max(s.max_abs_delta) AS max_abs_delta,
+       sum(s.clipped_tokens) / nullif(sum(s.clip_defined), 0) AS clip_rate,
+       sum(s.sum_delta) / nullif(sum(s.finite_tokens), 0) AS k1,
+       sum(s.sum_k3) / nullif(sum(s.finite_tokens), 0) AS k3,
+       coalesce(sum(s.nonfinite_tokens), 0)::BIGINT AS nonfinite_tokens,
+       sum(s.sum_entropy_a) / nullif(sum(s.n_entropy_a), 0) AS entropy_a,
+       sum(s.sum_entropy_b) / nullif(sum(s.n_entropy_b), 0) AS entropy_b"""
+
+BY_REQUEST_KEY_SQL = """
+SELECT {key} AS {name},
+       count(s.request_id) AS requests,{metrics},
+       avg(s.seq_ratio) FILTER (WHERE s.seq_clipped IS NOT NULL) AS mean_seq_ratio,
+       avg(s.seq_clipped::DOUBLE) AS seq_clip_rate
+FROM request_info AS r
+LEFT JOIN ({seq_diff}) AS s ON s.request_id = r.request_id
+GROUP BY ALL
+ORDER BY 1 NULLS FIRST
+"""
+
+BY_TOKEN_KEY_SQL = """
+SELECT {key} AS {name},
+       count(DISTINCT s.request_id) AS requests,{metrics},
+       NULL::DOUBLE AS mean_seq_ratio,
+       NULL::DOUBLE AS seq_clip_rate
+FROM (SELECT t.request_id, t.pos, t.weight_version,
+             1 AS tokens, t.finite::INT AS finite_tokens, (NOT t.finite)::INT AS nonfinite_tokens,
+             (t.clipped IS NOT NULL)::INT AS clip_defined, coalesce(t.clipped, false)::INT AS clipped_tokens,
+             CASE WHEN t.finite THEN t.delta END AS sum_delta,
+             CASE WHEN t.finite THEN t.abs_delta END AS sum_abs_delta,
+             CASE WHEN t.finite THEN t.abs_delta END AS max_abs_delta,
+             t.k3 AS sum_k3,
+             t.entropy_a AS sum_entropy_a, (t.entropy_a IS NOT NULL)::INT AS n_entropy_a,
+             t.entropy_b AS sum_entropy_b, (t.entropy_b IS NOT NULL)::INT AS n_entropy_b
+      FROM ({token_diff}) AS t) AS s
+GROUP BY ALL
+ORDER BY 1 NULLS FIRST
+"""
+
+
+def _sql_str(s: object) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def source_sql(trace: "Trace") -> dict[str, str]:
+    """Source name → a SELECT of (request_id, pos, logprob, entropy, weight_version)."""
+    from ..schema import table
+
+    out = {
+        "recorded": "SELECT request_id, pos, logprob, NULL::FLOAT AS entropy, weight_version FROM tokens",
+        "trainer": "SELECT request_id, pos, logprob, entropy, policy_version AS weight_version FROM trainer",
+    }
+    rt = table("replay_tokens")
+    for name in trace.replay_names():
+        d = rt.dir(trace.root, name)
+        if not any(d.glob("*.parquet")):
+            continue
+        # Each replay read from its own directory: a filter on one replay never scans the others.
+        rel = f"read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
+        out[f"replay:{name}"] = f"SELECT request_id, pos, logprob, entropy, weight_version FROM {rel}"
+        out[f"replay:{name}:processed"] = (
+            f"SELECT request_id, pos, processed_logprob AS logprob, entropy, weight_version FROM {rel}"
+        )
+    return out
+
+
+def token_diff_sql(a: str, b: str, eps: float | str = DEFAULT_EPS) -> str:
+    """Per-token comparison of two relations (SQL text of SELECTs or relation names)."""
+    return TOKEN_DIFF_SQL.format(a=_rel(a), b=_rel(b), eps=_eps(eps))
+
+
+def seq_diff_sql(a: str, b: str, eps: float | str = DEFAULT_EPS) -> str:
+    return SEQ_DIFF_SQL.format(token_diff=token_diff_sql(a, b, eps), eps=_eps(eps))
+
+
+def diff_by_sql(a: str, b: str, by: str, eps: float | str = DEFAULT_EPS) -> str:
+    """Aggregated metrics of a vs b grouped by ``by`` (one of AGG_KEYS)."""
+    name = {"request": "request_id", "group": "group_id", "all": "scope"}.get(by, by)
+    if by in REQUEST_KEYS:
+        return BY_REQUEST_KEY_SQL.format(
+            key=REQUEST_KEYS[by], name=name, metrics=_METRICS, seq_diff=seq_diff_sql(a, b, eps)
+        )
+    if by in TOKEN_KEYS:
+        return BY_TOKEN_KEY_SQL.format(
+            key=TOKEN_KEYS[by], name=name, metrics=_METRICS, token_diff=token_diff_sql(a, b, eps)
+        )
+    raise QueryError(f"cannot group by {by!r}; choose one of: {', '.join(AGG_KEYS)}")
+
+
+def _rel(x: str) -> str:
+    x = x.strip()
+    return f"({x})" if x.upper().startswith(("SELECT", "WITH", "FROM")) else x
+
+
+def _eps(eps: float | str) -> str:
+    if isinstance(eps, str):
+        return f"({eps})::DOUBLE"  # a macro parameter name
+    e = float(eps)
+    if not (0.0 < e < 1.0):
+        raise QueryError(f"eps must be in (0, 1), got {eps}")
+    return repr(e)
+
 
 def install(con: duckdb.DuckDBPyConnection, trace: "Trace") -> None:
-    """Create the comparison views on ``con`` (a connection from ``Trace.connect``)."""
-    return None
+    """Create the comparison views and macros on ``con`` (a connection from ``Trace.connect``)."""
+    sources = source_sql(trace)
+    union = "\nUNION ALL\n".join(
+        f"SELECT {_sql_str(name)} AS source, * FROM ({sql})" for name, sql in sources.items()
+    )
+    con.execute(f"CREATE VIEW token_sources AS {union}")
+    names = ", ".join(f"({_sql_str(n)})" for n in sources)
+    con.execute(f"CREATE VIEW comparison_sources AS SELECT * FROM (VALUES {names}) AS s(source)")
+    con.execute(f"CREATE VIEW request_info AS {REQUEST_INFO_SQL}")
+    # Macros take source names; the constant filter prunes every other branch of token_sources.
+    a_rel = "(SELECT * FROM token_sources WHERE source = a)"
+    b_rel = "(SELECT * FROM token_sources WHERE source = b)"
+    con.execute(
+        f"CREATE MACRO token_diff(a, b, eps := {DEFAULT_EPS}) AS TABLE {token_diff_sql(a_rel, b_rel, 'eps')}"
+    )
+    con.execute(f"CREATE MACRO seq_diff(a, b, eps := {DEFAULT_EPS}) AS TABLE {seq_diff_sql(a_rel, b_rel, 'eps')}")
+    for key in AGG_KEYS:
+        con.execute(
+            f"CREATE MACRO diff_by_{key}(a, b, eps := {DEFAULT_EPS}) AS TABLE {diff_by_sql(a_rel, b_rel, key, 'eps')}"
+        )
