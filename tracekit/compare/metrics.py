@@ -49,6 +49,11 @@ class Metrics:
 
 
 def _clean(v: Any) -> Any:
+    return finite_or_str(v)
+
+
+def finite_or_str(v: Any) -> Any:
+    """JSON-safe value: NaN → None, ±inf → '-inf'/'inf' (json.dumps would emit invalid JSON)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else str(v)
     return v
