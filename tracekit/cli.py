@@ -287,5 +287,40 @@ def _q(t: Any, sql_text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     return run_query(t.connect(read_only=True), sql_text)
 
 
+# ---------------------------------------------------------------------- diff / attribute
+@cli.command()
+@trace_arg
+@click.option("--a", "a", default="recorded", show_default=True,
+              help="Source a: recorded, trainer, replay:NAME or replay:NAME:processed.")
+@click.option("--b", "b", default="trainer", show_default=True, help="Source b (Δ = a − b).")
+@click.option("--by", default="step", show_default=True,
+              type=click.Choice(["step", "request", "position", "weight_version", "group", "sampling",
+                                 "temperature", "cache_hit", "all"]))
+@click.option("--eps", type=float, default=0.2, show_default=True, help="Clip range: |ratio − 1| > eps.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
+    """Per-token Δ between two logprob sources, aggregated: ratio, clip rate, GSPO, k1/k3, entropy."""
+    from .compare.metrics import diff as run_diff
+    from .compare.metrics import finite_or_str
+
+    cols, rows = run_diff(trace, a, b, by=by, eps=eps)
+    rows = [tuple(finite_or_str(v) for v in r) for r in rows]
+    if fmt != "table":
+        emit_rows(cols, rows, fmt)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    keep = [i for i, c in enumerate(cols) if i == 0 or any(r[i] is not None for r in rows)]  # drop all-NULL
+    t = Table(title=f"Δ = {a} − {b} by {by} (eps {eps})")
+    for i in keep:
+        t.add_column(cols[i], justify="right" if i else "left")
+    for r in rows:
+        t.add_row(*[f"{r[i]:.4g}" if isinstance(r[i], float) else _cell(r[i]) for i in keep])
+    con = Console(soft_wrap=False)
+    con.width = max(con.width, 160)  # a wide table beats folded digits when piped
+    con.print(t)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
