@@ -124,11 +124,13 @@ def info(trace: Path, fmt: str) -> None:
     if d["rows_dropped"]:
         con.print(f"[red]rows dropped by the recorder:[/red] {d['rows_dropped']}")
     if d["engines"]:
+        # One column per engine, one row per fingerprint field: stays readable in 80 columns.
         t = Table(title="engines")
-        for k in d["engines"][0]:
-            t.add_column(k, overflow="fold")
+        t.add_column("field", style="bold")
         for e in d["engines"]:
-            t.add_row(*[_cell(v) for v in e.values()])
+            t.add_column(str(e["engine_id"])[:12], overflow="fold")
+        for k in list(d["engines"][0])[1:]:
+            t.add_row(k, *[_cell(e[k]) for e in d["engines"]])
         con.print(t)
     if d["replays"]:
         t = Table(title="replays")
@@ -320,6 +322,45 @@ def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
     con = Console(soft_wrap=False)
     con.width = max(con.width, 160)  # a wide table beats folded digits when piped
     con.print(t)
+
+
+def _fail_on_choice(value: str | None) -> str | None:
+    from .causes import cause_ids
+
+    if value is not None and value != "any" and value not in cause_ids():
+        raise click.BadParameter(f"{value!r} is not 'any' or a cause: {', '.join(cause_ids())}")
+    return value
+
+
+@cli.command()
+@trace_arg
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--fail-on", "fail_on", callback=lambda ctx, p, v: _fail_on_choice(v),
+              help="Exit 1 when this cause (or 'any') is present: a CI gate for migrations.")
+@click.option("--no-replay", is_flag=True, help="Use only recorded data and replays that already exist.")
+@click.option("--python", "python", type=click.Path(exists=True, dir_okay=False),
+              help="Interpreter for the replays' engine side (another venv / vLLM version).")
+@click.option("--model", type=click.Path(exists=True, file_okay=False),
+              help="Model directory, when the recorded path does not exist on this machine.")
+@click.option("--eps", type=float, default=0.2, show_default=True, help="Clip range for the reported metrics.")
+def attribute(trace: Path, fmt: str, fail_on: str | None, no_replay: bool, python: str | None,
+              model: str | None, eps: float) -> None:
+    """Name the cause(s) of the recorded-vs-trainer logprob gap, with evidence, share and fix."""
+    from .attribute import Thresholds, check_fail_on, render
+    from .attribute import attribute as run_attribute
+
+    res = run_attribute(trace, replay=not no_replay, python=python, model=model,
+                        thresholds=Thresholds(eps=eps), progress=fmt == "table" and sys.stderr.isatty())
+    if fmt == "json":
+        click.echo(json.dumps(res.as_dict(), indent=1, default=str))
+    else:
+        from rich.console import Console
+
+        con = Console(soft_wrap=False)
+        con.width = max(con.width, 140)
+        render(res, con)
+    if check_fail_on(res, fail_on):
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
