@@ -198,3 +198,42 @@ def test_bad_cli_arguments() -> None:
     assert res.returncode == 2 and "Traceback" not in res.stderr
     res = run_cli("no-such-command")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_interactive_shell_runs_queries_and_keeps_history(good_trace: Path, tmp_path: Path) -> None:
+    """A real pseudo-terminal: the shell prompts, runs a query, survives an error, saves history."""
+    import os
+    import pty
+    import select
+    import time
+
+    hist = tmp_path / "hist"
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.environ["TRACEKIT_HISTORY"] = str(hist)
+        os.environ["COLUMNS"] = "120"
+        os.execv(sys.executable, [sys.executable, "-m", "tracekit.cli", "sql", str(good_trace)])
+    out = b""
+
+    def read_until(needle: bytes, timeout: float = 60) -> None:
+        nonlocal out
+        end = time.time() + timeout
+        while needle not in out and time.time() < end:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert needle in out, out[-500:]
+
+    read_until(b"tracekit> ")
+    os.write(fd, b"SELECT count(*) AS n_tokens\r")
+    os.write(fd, b"FROM tokens;\r")
+    read_until(b"26")
+    os.write(fd, b"COPY tokens TO '/tmp/nope.csv';\r")
+    read_until(b"read-only")
+    os.write(fd, b".quit\r")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "FROM tokens;" in hist.read_text()
