@@ -6,8 +6,9 @@ trainer's logprobs and the reference replay share one implementation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,0 +1,248 @@
+"""Replay plan: which requests to run, with which weights and which engine config.
+
+Reads the trace (parent side, DuckDB): the recorded requests with their completion and weight
+version, the snapshots per version, the recording engine's fingerprint, and the replay's own
+ledger (``replay_requests``) so a resumed or sharded run skips what is already done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import TracekitError, WeightsError
+from ..store.reader import Trace
+
+# Fingerprint columns that map 1:1 onto vLLM engine args of the same name.
+_DIRECT_ARGS = ("dtype", "logprobs_mode", "enable_prefix_caching", "block_size", "max_model_len",
+                "max_logprobs", "async_scheduling")
+# Values vLLM resolves per platform (they show up among the effective args) but that must be
+# re-resolved on the replay box, e.g. a CPU worker class would break a GPU replay.
+_PLATFORM_ARGS = ("worker_cls", "disable_custom_all_reduce", "distributed_executor_backend", "device")
+
+
+class PlanError(TracekitError):
+    """The trace cannot be replayed as asked (bad shard, no engine fingerprint, ...)."""
+
+
+@dataclass
+class Group:
+    """Requests replayed under one weight version (None: the model as loaded)."""
+
+    version: int | None
+    tensors: list[tuple[str, str]]  # (tensor name, blob sha256); empty: no reload
+    requests: list[dict[str, Any]]
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    skipped: list[tuple[int, int | None, str]]  # (request_id, version, why)
+    base_engine: dict[str, Any] | None
+    engines_seen: list[str]
+    done: int  # requests this shard already has in the ledger (resume)
+    shard: tuple[int, int] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_requests(self) -> int:
+        return sum(len(g.requests) for g in self.groups)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r["output"]) for g in self.groups for r in g.requests)
+
+
+def parse_shard(s: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'i/n' (0-based i) → (i, n)."""
+    if s is None:
+        return None
+    if isinstance(s, tuple):
+        i, n = s
+    else:
+        try:
+            a, b = str(s).split("/")
+            i, n = int(a), int(b)
+        except ValueError:
+            raise PlanError(f"--shard must look like I/N (e.g. 0/4), got {s!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise PlanError(f"--shard {i}/{n}: need 0 <= I < N")
+    return i, n
+
+
+def shard_index(request_ids: Any, n: int) -> np.ndarray:
+    """Deterministic shard of each request id (splitmix64 hash mod n): the same on every machine."""
+    x = np.asarray(request_ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(n)).astype(np.int64)
+
+
+def in_shard(request_ids: Any, shard: tuple[int, int] | None) -> np.ndarray:
+    ids = np.asarray(request_ids, dtype=np.int64)
+    if shard is None:
+        return np.ones(len(ids), dtype=bool)
+    return shard_index(ids, shard[1]) == shard[0]
+
+
+_REQUESTS_SQL = """
+SELECT r.request_id, r.engine_id, r.prompt_token_ids,
+       coalesce(r.output_token_ids, t.ids) AS output,
+       r.sampling_resolved, r.temperature, r.top_p, r.top_k, r.min_p, r.seed, r.max_tokens,
+       coalesce(r.weight_version_start, t.v0) AS version,
+       (r.weight_version_start IS NOT NULL AND r.weight_version_end IS NOT NULL
+        AND r.weight_version_start <> r.weight_version_end) AS mixed
+FROM requests r
+LEFT JOIN (SELECT request_id, list(token_id ORDER BY pos) AS ids, arg_min(weight_version, pos) AS v0
+           FROM tokens GROUP BY request_id) t USING (request_id)
+ORDER BY r.request_id
+"""
+
+
+def ledger_ids(con: Any, name: str) -> set[int]:
+    rows = con.execute("SELECT DISTINCT request_id FROM replay_requests WHERE replay = ?", [name]).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def build_plan(
+    trace: Trace,
+    name: str,
+    *,
+    shard: str | tuple[int, int] | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    allow_missing_weights: bool = False,
+) -> Plan:
+    sh = parse_shard(shard)
+    con = trace.connect(read_only=False, check_parts=False)
+    try:
+        rows = con.execute(_REQUESTS_SQL).fetchall()
+        cols = [d[0] for d in con.description]
+        snaps: dict[int, list[tuple[str, str]]] = {}
+        for v, n, sha in con.execute("SELECT version, name, sha256 FROM weights ORDER BY version, name").fetchall():
+            snaps.setdefault(int(v), []).append((n, sha))
+        n_syncs = con.execute("SELECT count(*) FROM weight_syncs").fetchone()[0]
+        done_ids = ledger_ids(con, name)
+        engines = {r[0]: r for r in con.execute("SELECT * FROM engines").fetchall()}
+        ecols = [d[0] for d in con.description]
+    finally:
+        con.close()
+
+    reqs = [dict(zip(cols, r)) for r in rows]
+    mask = in_shard([r["request_id"] for r in reqs], sh)
+    mine = [r for r, m in zip(reqs, mask) if m]
+    done_mine = [r for r in mine if r["request_id"] in done_ids]
+    if done_mine and not resume:
+        raise PlanError(
+            f"replay {name!r} already has {len(done_mine)} request(s) of this "
+            f"{'shard' if sh else 'trace'}; pass --resume to continue it or pick another --name"
+        )
+    todo = [r for r in mine if r["request_id"] not in done_ids]
+    if limit is not None:
+        todo = todo[: max(0, int(limit))]
+
+    notes: list[str] = []
+    # A trace where weights never changed (no snapshots, no syncs) replays on the model as loaded,
+    # even if the recorder labelled its tokens with a version.
+    as_loaded = not snaps and not n_syncs
+    if as_loaded and any(r["version"] is not None for r in todo):
+        notes.append("no weight snapshots and no weight syncs in the trace: replayed with the model as loaded")
+    groups: dict[int | None, Group] = {}
+    skipped: list[tuple[int, int | None, str]] = []
+    missing: Counter[int] = Counter()
+    n_mixed = 0
+    for r in todo:
+        v = None if as_loaded or r["version"] is None else int(r["version"])
+        if v is not None and v not in snaps:
+            missing[v] += 1
+            skipped.append((int(r["request_id"]), v, f"no weight snapshot for version {v}"))
+            continue
+        n_mixed += bool(r["mixed"])
+        g = groups.setdefault(v, Group(v, snaps.get(v, []) if v is not None else [], []))
+        g.requests.append(_request(r))
+    if missing and not allow_missing_weights:
+        vs = ", ".join(f"{v} ({n} requests)" for v, n in sorted(missing.items()))
+        raise WeightsError(
+            f"no weight snapshot in the trace for version(s) {vs}; pass --allow-missing-weights to skip them"
+        )
+    if n_mixed:
+        notes.append(f"{n_mixed} request(s) spanned a weight update; replayed under their first token's version")
+    # The model as loaded first: after a reload the engine no longer holds the base weights.
+    ordered = sorted(groups.values(), key=lambda g: (g.version is not None, g.version or 0))
+
+    used = Counter(r["engine_id"] for r in todo if r["engine_id"] is not None)
+    base = None
+    if used:
+        eid = used.most_common(1)[0][0]
+        base = dict(zip(ecols, engines[eid])) if eid in engines else None
+    elif engines:
+        recs = [dict(zip(ecols, e)) for e in engines.values() if e[ecols.index("role")] != "replay"]
+        base = recs[0] if recs else None
+    if len(used) > 1:
+        notes.append(f"requests came from {len(used)} engines; replay engine starts from {base and base['engine_id']}")
+    return Plan(ordered, skipped, base, sorted(used), len(done_mine), sh, notes)
+
+
+def _request(r: dict[str, Any]) -> dict[str, Any]:
+    s = r["sampling_resolved"]
+    try:
+        s = json.loads(s) if isinstance(s, str) else s
+    except json.JSONDecodeError:
+        s = None
+    return {
+        "request_id": int(r["request_id"]),
+        "prompt": [int(x) for x in (r["prompt_token_ids"] or [])],
+        "output": [int(x) for x in (r["output"] or [])],
+        "sampling": s if isinstance(s, dict) else None,
+        "temperature": r["temperature"], "top_p": r["top_p"], "top_k": r["top_k"], "min_p": r["min_p"],
+        "seed": r["seed"], "max_tokens": r["max_tokens"],
+    }
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def recorded_engine_args(fp: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM engine kwargs that reproduce the recording engine's effective numerics config.
+
+    Starts from the fingerprint's ``engine_args`` (as passed / non-default), then pins every
+    effective value the fingerprint holds: model, dtype, logprobs_mode, prefix caching, block
+    size, async scheduling, max_model_len, generation_config mode/overrides and the lm_head
+    dtype (``hf_overrides.head_dtype`` when it differs from the model dtype).
+    """
+    if not fp:
+        return {}
+    args = {k: v for k, v in (_json(fp.get("engine_args")) or {}).items() if k not in _PLATFORM_ARGS}
+    if fp.get("model"):
+        args["model"] = fp["model"]
+    for k in _DIRECT_ARGS:
+        if fp.get(k) is not None:
+            args[k] = fp[k]
+    gen = _json(fp.get("generation_config"))
+    if isinstance(gen, dict):
+        if isinstance(gen.get("mode"), str):
+            args["generation_config"] = gen["mode"]
+        if gen.get("override"):
+            args["override_generation_config"] = gen["override"]
+    head, dtype = fp.get("head_dtype"), fp.get("dtype")
+    hf = dict(_json(args.get("hf_overrides")) or {})
+    if head and dtype and head != dtype:
+        hf["head_dtype"] = head
+    if hf:
+        args["hf_overrides"] = hf
+    else:
+        args.pop("hf_overrides", None)
+    return args
