@@ -1,0 +1,223 @@
+"""Recorder on a real in-process vLLM engine (offline ``vllm.LLM``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tracekit
+from tracekit.store.reader import Trace
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = ["the quick brown fox", "one two three", "add the numbers", "a b c d"]
+
+
+def _q(trace: Path, sql: str, params: list | None = None) -> list[tuple]:
+    con = Trace(trace).connect(read_only=False)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def _fresh(rec_dir: Path) -> tracekit.Recorder:
+    return tracekit.Recorder(rec_dir, flush_interval=0.2)
+
+
+@pytest.fixture(scope="module")
+def llm(engine_pool, tiny_model):
+    return engine_pool(tiny_model)
+
+
+def _unwrap(llm):
+    """Drop the hooks a previous test installed (the engine is shared)."""
+    for name in ("generate", "chat", "collective_rpc"):
+        llm.__dict__.pop(name, None)
+    llm.__dict__.pop("_tracekit_recorder", None)
+    llm.__dict__.pop("_tracekit_hooks", None)
+
+
+def test_wrapped_llm_returns_same_samples_and_types_and_records_exact_logprobs(llm, tmp_path):
+    from vllm import SamplingParams
+    from vllm.outputs import RequestOutput
+
+    _unwrap(llm)
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=7, n=2)
+    sp_lp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=7, n=2, logprobs=3)
+    ref = llm.generate(PROMPTS, sp, use_tqdm=False)
+    ref_lp = llm.generate(PROMPTS, sp_lp, use_tqdm=False)
+
+    rec = _fresh(tmp_path / "t")
+    assert rec.wrap(llm) is llm
+    got = llm.generate(PROMPTS, sp, use_tqdm=False)
+    got_lp = llm.generate(PROMPTS, sp_lp, use_tqdm=False)
+    assert sp.logprobs is None  # the caller's params are never mutated
+    for a, b in zip(ref, got):
+        assert type(b) is RequestOutput and type(b.outputs[0]) is type(a.outputs[0])
+        for x, y in zip(a.outputs, b.outputs):
+            assert list(x.token_ids) == list(y.token_ids) and x.text == y.text
+            assert y.logprobs is None and y.cumulative_logprob is None  # hidden from the caller
+    for a, b in zip(ref_lp, got_lp):
+        for x, y in zip(a.outputs, b.outputs):
+            assert list(x.token_ids) == list(y.token_ids)
+            assert [d[t].logprob for d, t in zip(x.logprobs, x.token_ids)] == [d[t].logprob for d, t in zip(y.logprobs, y.token_ids)]
+    ids = rec.request_ids(got)
+    assert len(ids) == len(PROMPTS) and all(len(i) == 2 for i in ids)
+    assert ids[0][0] == got[0].outputs[0].tracekit_request_id
+    st = rec.close()
+    assert st.dropped == 0 and rec.errors == 0
+
+    # Recorded logprobs equal vLLM's own, token by token (caller asked or not).
+    for outs, asked in ((got, False), (got_lp, True)):
+        for o, ref_o in zip(outs, ref_lp):
+            for c, rc in zip(o.outputs, ref_o.outputs):
+                rows = _q(tmp_path / "t", "SELECT token_id, logprob, top_token_ids, top_logprobs FROM tokens "
+                          "WHERE request_id = ? ORDER BY pos", [c.tracekit_request_id])
+                assert [r[0] for r in rows] == list(rc.token_ids)
+                want = [d[t].logprob for d, t in zip(rc.logprobs, rc.token_ids)]
+                assert [r[1] for r in rows] == pytest.approx(want, abs=0, rel=1e-6)  # float32 storage
+                if asked:
+                    assert all(len(r[2]) == 3 for r in rows)
+                    top = sorted(((v.rank, t, v.logprob) for t, v in rc.logprobs[0].items() if v.rank <= 3))
+                    assert rows[0][2] == [t for _, t, _ in top]
+                else:
+                    assert all(r[2] is None for r in rows)
+    req = _q(tmp_path / "t", "SELECT group_id, sample_idx, num_logprobs, seed, temperature, top_p, max_tokens, "
+             "prompt_token_ids, sampling_requested, finish_reason, num_cached_tokens, weight_version_start "
+             "FROM requests WHERE request_id = ?", [ids[1][1]])[0]
+    assert req[1] == 1 and req[2] is None and req[3] == 7 and req[4] == pytest.approx(0.8) and req[6] == 12
+    assert req[7] == list(got[1].prompt_token_ids)
+    assert json.loads(req[8]) == {"temperature": 0.8, "top_p": 0.9, "max_tokens": 12, "seed": 7, "n": 2}
+    assert req[9] == got[1].outputs[1].finish_reason and req[10] == got[1].num_cached_tokens
+    assert req[11] == 0  # unlabeled engine: the initial weight version
+    groups = _q(tmp_path / "t", "SELECT group_id, count(*) FROM requests GROUP BY 1")
+    assert sorted(n for _, n in groups) == [2] * 8  # 2 calls x 4 prompts, n=2 each
+
+
+def test_chat_and_step_and_trainer_logprobs(llm, tmp_path):
+    from vllm import SamplingParams
+
+    _unwrap(llm)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    rec.step(5)
+    tmpl = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    out = llm.chat([[{"role": "user", "content": "the quick"}]] * 2, SamplingParams(max_tokens=6, seed=1),
+                   chat_template=tmpl, use_tqdm=False)
+    rid = rec.request_ids(out)[0][0]
+    n = len(out[0].outputs[0].token_ids)
+    rec.log_trainer_logprobs(rid, [-0.5] * n, policy_version=0)
+    rec.close()
+    rows = _q(tmp_path / "t", "SELECT step, group_id, sample_idx, extra FROM requests ORDER BY sample_idx")
+    assert [r[0] for r in rows] == [5, 5] and rows[0][1] == rows[1][1] and [r[2] for r in rows] == [0, 1]
+    assert json.loads(rows[0][3])["kind"] == "chat"
+    tr = _q(tmp_path / "t", "SELECT pos, logprob, step, policy_version FROM trainer WHERE request_id = ? ORDER BY pos", [rid])
+    assert len(tr) == n and tr[0] == (0, -0.5, 5, 0)
+
+
+def test_fingerprint_records_effective_logprobs_mode(engine_pool, tiny_model, llm, tmp_path):
+    from tracekit.capture.fingerprint import fingerprint_llm
+
+    proc = engine_pool(tiny_model, logprobs_mode="processed_logprobs")
+    raw = fingerprint_llm(llm)
+    row = fingerprint_llm(proc, engine_args={"logprobs_mode": "processed_logprobs"})
+    assert raw["logprobs_mode"] == "raw_logprobs" and row["logprobs_mode"] == "processed_logprobs"
+    import torch
+    import vllm
+
+    assert row["vllm_version"] == vllm.__version__ and row["torch_version"] == torch.__version__
+    assert row["platform"] == "cpu" and row["dtype"] == "bfloat16" and row["head_dtype"] == "bfloat16"
+    assert row["model"] == str(tiny_model) and len(row["model_hash"]) == 64
+    assert row["async_scheduling"] is False and row["enable_prefix_caching"] is True
+    assert row["block_size"] == proc.llm_engine.vllm_config.cache_config.block_size
+    assert row["engine_args"]["logprobs_mode"] == "processed_logprobs"
+    assert row["capabilities"]["weight_version_spans"] is True
+    assert row["env"].get("VLLM_CPU_KVCACHE_SPACE") == "1"
+    _unwrap(proc)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(proc)
+    rec.close()
+    assert _q(tmp_path / "t", "SELECT logprobs_mode FROM engines") == [("processed_logprobs",)]
+    _unwrap(proc)
+
+
+def test_generation_config_defaults_show_up_as_resolved_params(engine_pool, model_factory, tmp_path):
+    from vllm import SamplingParams
+
+    model = model_factory(generation_config={"temperature": 0.5, "top_k": 20, "top_p": 0.95})
+    llm = engine_pool(model)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    llm.generate(["the quick"], None, use_tqdm=False)  # defaults apply (offline: only with None)
+    llm.generate(["the quick"], SamplingParams(max_tokens=4), use_tqdm=False)  # explicit: used as given
+    rec.close()
+    rows = _q(tmp_path / "t", "SELECT sampling_requested, temperature, top_k, top_p FROM requests ORDER BY request_id")
+    assert json.loads(rows[0][0]) == {} and rows[0][1:] == (0.5, 20, pytest.approx(0.95))
+    assert json.loads(rows[1][0]) == {"max_tokens": 4} and rows[1][1:] == (1.0, 0, 1.0)
+    eng = json.loads(_q(tmp_path / "t", "SELECT default_sampling_params FROM engines")[0][0])
+    assert eng == {"temperature": 0.5, "top_k": 20, "top_p": 0.95}
+    _unwrap(llm)
+
+
+def test_mid_run_weight_update_tags_tokens_and_snapshot_round_trips(engine_pool, model_factory, tmp_path):
+    import safetensors.torch as st
+    from vllm import SamplingParams
+
+    from tracekit.store.weights import load_snapshot
+
+    model = model_factory(arch="llama", seed=1)
+    llm = engine_pool(model)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    base = st.load_file(str(model / "model.safetensors"))
+    rec.log_weights(0, model)
+    sp = SamplingParams(temperature=1.0, max_tokens=8, seed=11)
+    rec.step(0)
+    before = llm.generate(PROMPTS, sp, use_tqdm=False)
+    v1 = {k: (v * 1.05 if "mlp" in k else v) for k, v in base.items()}
+    rec.step(1)
+    rec.update_weights(llm, 1, v1)
+    after = llm.generate(PROMPTS, sp, use_tqdm=False)
+    rec.update_weights(llm, 2, v1)  # same tensors again: a sync that changed nothing
+    rec.close()
+
+    ids0 = [i[0] for i in rec.request_ids(before)]
+    ids1 = [i[0] for i in rec.request_ids(after)]
+    got = dict(_q(tmp_path / "t", "SELECT request_id, list_distinct(list(weight_version)) FROM tokens GROUP BY 1"))
+    assert all(got[i] == [0] for i in ids0) and all(got[i] == [1] for i in ids1)
+    reqs = dict(_q(tmp_path / "t", "SELECT request_id, weight_version_end FROM requests"))
+    assert all(reqs[i] == 1 for i in ids1)
+    syncs = _q(tmp_path / "t", "SELECT version, engine_checksum, error, snapshot FROM weight_syncs ORDER BY version")
+    assert [s[0] for s in syncs] == [1, 2] and syncs[0][1] and syncs[0][3] is True
+    assert syncs[1][1] == syncs[0][1] and "unchanged" in syncs[1][2]  # no-op sync is visible
+    # The snapshot round-trips bit-exactly and unchanged tensors are stored once.
+    snap = load_snapshot(Trace(tmp_path / "t"), 1)
+    assert snap.keys() == v1.keys() and all((snap[k] == v1[k]).all() for k in v1)
+    shas = _q(tmp_path / "t", "SELECT name, count(DISTINCT sha256) FROM weights WHERE version IN (0, 1) GROUP BY 1")
+    assert {n: c for n, c in shas if "mlp" not in n} == {n: 1 for n, _ in shas if "mlp" not in n}
+    # Tokens after the update really come from the new weights.
+    assert any(list(a.outputs[0].token_ids) != list(b.outputs[0].token_ids) for a, b in zip(before, after)) or \
+        _q(tmp_path / "t", "SELECT count(*) FROM tokens WHERE weight_version = 1")[0][0] > 0
+    rec2 = _fresh(tmp_path / "restore")  # put the shared engine back to its original weights
+    rec2.update_weights(llm, 0, model)
+    rec2.close()
+    _unwrap(llm)
+
+
+def test_recorder_never_raises_into_the_job_on_unwritable_dir(llm, tmp_path):
+    from vllm import SamplingParams
+
+    _unwrap(llm)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rec = tracekit.Recorder(blocker / "trace")  # cannot be created
+    rec.wrap(llm)
+    out = llm.generate(["the quick"], SamplingParams(max_tokens=4, seed=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].logprobs is None
+    assert rec.log_weights(0, {"x": __import__("torch").zeros(2)}) is False
+    st = rec.close()
+    assert st.dropped > 0 and st.rows_dropped.get("requests") == 1
+    _unwrap(llm)
