@@ -154,7 +154,7 @@ def _sql_str(s: object) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def source_sql(trace: "Trace") -> dict[str, str]:
+def source_sql(trace: Trace) -> dict[str, str]:
     """Source name → a SELECT of (request_id, pos, logprob, entropy, weight_version)."""
     from ..schema import table
 
@@ -213,7 +213,7 @@ def _eps(eps: float | str) -> str:
     return repr(e)
 
 
-def install(con: duckdb.DuckDBPyConnection, trace: "Trace") -> None:
+def install(con: duckdb.DuckDBPyConnection, trace: Trace) -> None:
     """Create the comparison views and macros on ``con`` (a connection from ``Trace.connect``)."""
     sources = source_sql(trace)
     union = "\nUNION ALL\n".join(
