@@ -37,6 +37,28 @@ class _Group(click.Group):
             click.echo(f"tracekit: error: {_one_line(e)}", err=True)
             sys.exit(getattr(e, "exit_code", 2) if isinstance(e, TracekitError) else 2)
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Usage errors too are one line (click's default prints usage + hint + error: 3 lines)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `tracekit`: the help is the answer
+                e.show()
+                sys.exit(e.exit_code)
+            hint = ""
+            ctx = getattr(e, "ctx", None)
+            if isinstance(e, click.UsageError) and ctx is not None:
+                hint = f" (see '{ctx.command_path} --help')"
+            click.echo(f"tracekit: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("tracekit: aborted", err=True)
+            sys.exit(1)
+        # Non-standalone click returns Exit codes (--help, --version) as ints; commands return None.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 def _one_line(e: BaseException) -> str:
     from .store.reader import one_line
@@ -234,6 +256,21 @@ def _shell(con: Any, root: Path, fmt: str) -> None:
             pass
 
 
+# ---------------------------------------------------------------------- schema
+@cli.command("schema")
+@click.option("--markdown", is_flag=True, help="The trace format reference as Markdown (docs/trace-format.md).")
+def schema_cmd(markdown: bool) -> None:
+    """Print the trace format declared in schemas/ (JSON by default)."""
+    from . import schema as sch
+
+    if markdown:
+        click.echo(sch.markdown(), nl=False)
+        return
+    click.echo(json.dumps({"format_version": sch.FORMAT_VERSION, "tables": {
+        t.name: {"path": t.path, "version": t.version, "hash": t.hash,
+                 "columns": {c.name: c.type for c in t.columns}} for t in sch.tables().values()}}, indent=2))
+
+
 # ---------------------------------------------------------------------- weights
 @cli.group()
 def weights() -> None:
@@ -361,6 +398,79 @@ def attribute(trace: Path, fmt: str, fail_on: str | None, no_replay: bool, pytho
         render(res, con)
     if check_fail_on(res, fail_on):
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------- replay
+@cli.command("replay")
+@trace_arg
+@click.option("--name", required=True, help="Replay name: results go to TRACE/replays/NAME/.")
+@click.option("--python", "python", help="Interpreter of the target venv (default: this one).")
+@click.option("--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE",
+              help="vLLM engine arg override, vLLM's own name (VALUE parsed as JSON when it parses).")
+@click.option("--hf-override", "hf_override", multiple=True, metavar="KEY=VALUE",
+              help="hf_overrides entry, e.g. head_dtype=float32.")
+@click.option("--mode", type=click.Choice(["score", "regenerate", "forced", "reference"]), default="score",
+              show_default=True)
+@click.option("--model", help="Model path to use when the recorded one does not exist here.")
+@click.option("--shard", metavar="I/N", help="Replay only shard I of N (0-based; deterministic by request id).")
+@click.option("--limit", type=int, help="Replay at most N requests in this run.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted replay of the same name.")
+@click.option("--allow-missing-weights", is_flag=True,
+              help="Skip (and count) requests whose weight version has no snapshot.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def replay_cmd(trace: Path, name: str, python: str | None, engine_arg: tuple[str, ...], hf_override: tuple[str, ...],
+               mode: str, model: str | None, shard: str | None, limit: int | None, resume: bool,
+               allow_missing_weights: bool, no_progress: bool) -> None:
+    """Re-execute the trace's requests on a (possibly other) vLLM, per recorded weight version."""
+    from .replay import parse_kv, replay
+
+    res = replay(
+        trace, name, python=python, engine_args=parse_kv(engine_arg, "--engine-arg"),
+        hf_overrides=parse_kv(hf_override, "--hf-override"), mode=mode, shard=shard, limit=limit,
+        resume=resume, allow_missing_weights=allow_missing_weights, progress=not no_progress, model=model,
+    )
+    click.echo(
+        f"replay {res.name} ({res.mode}, vLLM {res.target_vllm or '-'}): {res.requests_ok} ok, "
+        f"{res.requests_error} error, {res.requests_skipped} skipped, {res.requests_already_done} already done; "
+        f"{res.tokens:,} tokens in {res.seconds:.1f} s → {res.path}"
+    )
+    for n in res.notes:
+        click.echo(f"note: {n}")
+
+
+# ---------------------------------------------------------------------- record / proxy
+@cli.command("record", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Trace directory to write.")
+@click.option("--snapshot-every", type=int, default=1, show_default=True,
+              help="Store a weight snapshot every N versions pushed through the recorder (0: never).")
+@click.option("--flush-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between part flushes (what a kill -9 can lose at most).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def record_cmd(out: Path, snapshot_every: int, flush_interval: float, command: tuple[str, ...]) -> None:
+    """Run COMMAND (after --) and record every vLLM LLM/AsyncLLM it builds, with no code change."""
+    from .capture.launch import record_command
+
+    rc = record_command(list(command), out, snapshot_every=snapshot_every, flush_interval=flush_interval)
+    sys.exit(rc if rc >= 0 else 128 - rc)
+
+
+@cli.command("proxy")
+@click.option("--upstream", required=True, help="Base URL of the vLLM OpenAI server, e.g. http://127.0.0.1:8000.")
+@click.option("--listen", default="127.0.0.1:8100", show_default=True, help="HOST:PORT to serve on.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Trace directory to write.")
+@click.option("--engine-args", "engine_args", type=click.Path(path_type=Path),
+              help="JSON (or YAML) file with the server's engine args (logprobs_mode, dtype, ...).")
+@click.option("--flush-interval", type=float, default=1.0, show_default=True)
+def proxy_cmd(upstream: str, listen: str, out: Path, engine_args: Path | None, flush_interval: float) -> None:
+    """OpenAI-compatible recording proxy: clients talk to --listen, requests go to --upstream."""
+    from .capture.proxy import run_proxy
+
+    st = run_proxy(upstream, listen, out, engine_args_file=str(engine_args) if engine_args else None,
+                   flush_interval=flush_interval)
+    msg = f"tracekit proxy: closed; rows written {st.rows_written}"
+    if st.dropped:
+        msg += f"; DROPPED {st.rows_dropped}"
+    click.echo(msg, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
