@@ -41,7 +41,7 @@ class Thresholds:
 
     noise_floor: float = 0.014
     material_gap: float = 0.028  # 2 × floor: a gap worth explaining
-    min_close: float = 0.007  # a rung must close at least half the floor ...
+    min_close: float = 0.003  # a rung must close this much (rung-to-rung differences are deterministic) ...
     min_share: float = 0.10  # ... and 10 % of the gap to count
     repro_tol: float = 0.005  # recorded vs same-version same-config replay (bitwise on CPU)
     eps: float = 0.2
@@ -461,11 +461,12 @@ def build_ladder(ctx: Context, causes: list[Cause], evidence: dict[str, list[Evi
             if g is None:
                 rungs.append(Rung(c.id, False, note=f"{src} has no comparable tokens"))
                 continue
-            r = Rung(c.id, True, cur_src, src, cur_gap, g, replay=replay,
-                     note=f"trainer expects {other} logprobs" if cur_gap is not None and g < cur_gap
-                     else f"trainer matches {mode} logprobs")
             if cur_gap is not None and g < cur_gap:
+                r = Rung(c.id, True, cur_src, src, cur_gap, g, replay=replay, note=f"trainer expects {other} logprobs")
                 mode, cur_src, cur_gap = other, src, g
+            else:  # the switch would widen the gap: the rung keeps the recorded kind
+                r = Rung(c.id, True, cur_src, cur_src, cur_gap, cur_gap, replay=replay,
+                         note=f"trainer matches {mode} logprobs ({other}: {_f(g)})")
         else:
             if not ab.faithful:
                 cfg = cfg.plus(ab)

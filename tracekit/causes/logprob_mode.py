@@ -72,12 +72,14 @@ class LogprobMode(Cause):
             return Verdict(INCONCLUSIVE, "needs a score replay to compare raw and processed logprobs")
         mode = ctx.recorded_mode
         other = "processed" if mode == "raw" else "raw"
+        g_mode = ctx.gap(ctx.source(rung.replay, mode)) if rung.replay else None
+        g_other = ctx.gap(ctx.source(rung.replay, other)) if rung.replay else None
         evidence.append(Evidence(
-            f"trainer vs the same replay's {mode} logprobs: mean |Δ| {_f(rung.gap_before)}; "
-            f"vs its {other} logprobs: {_f(rung.gap_after)}",
+            f"trainer vs the same replay's {mode} logprobs: mean |Δ| {_f(g_mode)}; "
+            f"vs its {other} logprobs: {_f(g_other)}",
             "tracekit sql TRACE --query gap_by_source",
-            {"gap_recorded_mode": rung.gap_before, "gap_other_mode": rung.gap_after, "recorded_mode": mode},
-            (rung.closed or 0) >= ctx.t.min_close,
+            {"gap_recorded_mode": g_mode, "gap_other_mode": g_other, "recorded_mode": mode},
+            _closes(ctx, rung),
         ))
         if _closes(ctx, rung):
             return Verdict(PRESENT, f"the engine returned {mode} logprobs, the trainer's match {other} ones "
