@@ -473,5 +473,24 @@ def proxy_cmd(upstream: str, listen: str, out: Path, engine_args: Path | None, f
     click.echo(msg, err=True)
 
 
+# ---------------------------------------------------------------------- report
+@cli.command("report")
+@trace_arg
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for report.html and the PNG figures.")
+@click.option("--attribution", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="JSON from `tracekit attribute TRACE --format json` (default: attribute the trace "
+                   "from its recorded data and existing replays, without starting an engine).")
+@click.option("--no-attribution", is_flag=True, help="Leave the attribution section out.")
+@click.option("--eps", type=float, default=0.2, show_default=True, help="Clip range for the curves.")
+def report_cmd(trace: Path, out_dir: Path, attribution: Path | None, no_attribution: bool, eps: float) -> None:
+    """Self-contained HTML report plus PNG figures: RL curves per source, Δ distribution, waterfall."""
+    from .report import write_report
+
+    paths = write_report(trace, out_dir, attribution=attribution, compute_attribution=not no_attribution, eps=eps)
+    for name, p in paths.items():
+        click.echo(f"{name}: {p}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
