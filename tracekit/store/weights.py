@@ -140,8 +140,9 @@ def export_snapshot(trace: "Trace", version: int, out_dir: Path, *, like: Path |
     import safetensors.torch as st
 
     out_dir = Path(out_dir)
+    tensors = load_snapshot(trace, version)  # verify everything before creating anything
     out_dir.mkdir(parents=True, exist_ok=True)
-    st.save_file(load_snapshot(trace, version), str(out_dir / "model.safetensors"))
+    st.save_file(tensors, str(out_dir / "model.safetensors"))
     if like is not None:
         for p in Path(like).iterdir():
             if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth")) and p.name != "model.safetensors.index.json":
