@@ -137,7 +137,7 @@ def replay(
     rdir = root / "replays" / name
     if resume or plan.shard:
         _cleanup_orphans(t, name, plan.shard)
-    _write_meta(rdir, meta, resume=resume)
+    created = _write_meta(rdir, meta, resume=resume)
 
     res = ReplayResult(name, mode, rdir, requests_already_done=plan.done, notes=list(plan.notes))
     writer = TraceWriter(root, kind="replay", flush_interval=3600.0)
@@ -159,10 +159,21 @@ def replay(
                 "groups": [{"version": g.version, "tensors": g.tensors, "requests": g.requests} for g in plan.groups],
             }
             _run_worker(py, job, writer, name, mode, shard_s, plan, res, rdir, progress)
+    except BaseException:
+        writer.close()
+        if created:
+            _drop_if_empty(rdir)
+        raise
     finally:
         res.seconds = time.monotonic() - t0
         writer.close()
     return res
+
+
+def _drop_if_empty(rdir: Path) -> None:
+    """A replay that failed before writing any row leaves no directory (its name stays free)."""
+    if not any(rdir.glob("*/*.parquet")):
+        shutil.rmtree(rdir, ignore_errors=True)
 
 
 def _needs_full(plan: Any) -> bool:
@@ -179,8 +190,10 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> None:
-    """replay.json, written once; a later shard or resume must ask for the same replay."""
+def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> bool:
+    """replay.json, written once; a later shard or resume must ask for the same replay.
+
+    True when this call created it."""
     p = rdir / REPLAY_META
     if p.exists():
         old = json.loads(p.read_text())
@@ -190,7 +203,7 @@ def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> None:
                     f"replay {meta['name']!r} exists with {k}={json.dumps(old.get(k))}; this run has "
                     f"{json.dumps(meta.get(k))} (use another --name)"
                 )
-        return
+        return False
     rdir.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "created": _now().isoformat()}
     tmp = rdir / f".{REPLAY_META}.{uuid.uuid4().hex}.tmp"
@@ -198,9 +211,10 @@ def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> None:
     try:
         os.link(tmp, p)  # first writer wins when shards start together
     except FileExistsError:
-        pass
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 def _update_meta(rdir: Path, **kw: Any) -> None:
@@ -248,9 +262,8 @@ def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str,
     tmp = Path(tempfile.mkdtemp(prefix="tracekit-job-"))
     jf = tmp / "job.json"
     jf.write_text(json.dumps(job, default=str))
-    logs = rdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"worker-{_now().strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    # The engine's log lives in the temp dir while it runs and is kept beside the results after.
+    log_path = Path(tempfile.gettempdir()) / f"tracekit-replay-{name}-{_now().strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     rfd, wfd = os.pipe()
     env = dict(os.environ)
     # The worker runs this tracekit's code (same pipe protocol) even if the target venv holds
@@ -300,6 +313,9 @@ def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rc = _wait(proc)
+    if any(rdir.glob("*/*.parquet")):
+        (rdir / "logs").mkdir(exist_ok=True)
+        shutil.copy2(log_path, rdir / "logs" / log_path.name)
     if error is not None:
         text = error["message"]
         if error.get("traceback"):

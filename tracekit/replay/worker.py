@@ -58,6 +58,14 @@ class WorkerFailure(Exception):
 
 
 def _one_line(e: BaseException) -> str:
+    errors = getattr(e, "errors", None)  # pydantic ValidationError: name the field and the reason
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            return f"{loc}: {first.get('msg')} (got {first.get('input')!r})" if loc else str(first.get("msg"))
+        except Exception:  # noqa: BLE001 - fall back to the message text
+            pass
     for line in str(e).strip().splitlines():
         if line.strip():
             return line.strip()
