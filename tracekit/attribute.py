@@ -42,7 +42,7 @@ class Thresholds:
     noise_floor: float = 0.014
     material_gap: float = 0.028  # 2 × floor: a gap worth explaining
     min_close: float = 0.003  # a rung must close this much (rung-to-rung differences are deterministic) ...
-    min_share: float = 0.10  # ... and 10 % of the gap to count
+    min_share: float = 0.10  # ... and 10 % of the gap left before it to count
     repro_tol: float = 0.005  # recorded vs same-version same-config replay (bitwise on CPU)
     eps: float = 0.2
 
@@ -67,9 +67,17 @@ class Rung:
             return None
         return self.gap_before - self.gap_after
 
+    @property
+    def relative(self) -> float | None:
+        """Share of the gap left before this rung that it closes (decisions use this, so a small
+        cause next to a large one still counts)."""
+        c = self.closed
+        return c / self.gap_before if c is not None and self.gap_before else None
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["closed"] = self.closed
+        d["relative"] = self.relative
         return d
 
 

@@ -58,7 +58,7 @@ class LmHeadPrecision(Cause):
             if ctx.has_trainer and (ctx.gap("recorded", where="true") or 0) <= ctx.t.material_gap:
                 return Verdict(ABSENT, "the recorded-vs-trainer gap is within the noise floor")
             return Verdict(INCONCLUSIVE, "bf16 head; needs a replay with an fp32 head to measure its share")
-        if (rung.closed or 0) >= ctx.t.min_close and (rung.share or 0) >= ctx.t.min_share:
+        if (rung.closed or 0) >= ctx.t.min_close and (rung.relative or 0) >= ctx.t.min_share:
             return Verdict(PRESENT, f"an fp32 head closes {_pct(rung.share)} of the gap "
                            f"({_f(rung.gap_before)} → {_f(rung.gap_after)})")
         return Verdict(ABSENT, f"an fp32 head does not move the gap ({_f(rung.gap_before)} → {_f(rung.gap_after)})")

@@ -94,7 +94,7 @@ class LogprobMode(Cause):
 
 
 def _closes(ctx: Context, rung: Rung) -> bool:
-    return (rung.closed or 0) >= ctx.t.min_close and (rung.share or 0) >= ctx.t.min_share
+    return (rung.closed or 0) >= ctx.t.min_close and (rung.relative or 0) >= ctx.t.min_share
 
 
 def _f(x: float | None) -> str:

@@ -100,7 +100,7 @@ class RuntimeDefaults(Cause):
         verdict = ABSENT
         if params:
             if rung is not None and rung.closed is not None:
-                if (rung.closed or 0) >= ctx.t.min_close and (rung.share or 0) >= ctx.t.min_share:
+                if (rung.closed or 0) >= ctx.t.min_close and (rung.relative or 0) >= ctx.t.min_share:
                     verdict = PRESENT
                     reasons.append(f"sampling defaults from the model's generation_config were applied; "
                                    f"without them the gap goes {_f(rung.gap_before)} → {_f(rung.gap_after)}")
