@@ -59,7 +59,7 @@ def _arrow(tname: str, cols: dict[str, Any], n: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def generate(root: Path, total: int, *, seed: int = 0) -> dict[str, Any]:
+def generate(root: Path, total: int, *, seed: int = 0, chunk: int = CHUNK) -> dict[str, Any]:
     """Write the synthetic trace; returns per-chunk token counts (for sub-traces) and timings."""
     if root.exists():
         shutil.rmtree(root)
@@ -72,7 +72,7 @@ def generate(root: Path, total: int, *, seed: int = 0) -> dict[str, Any]:
         (d / "replay.json").write_text(json.dumps({"name": name, "mode": "score", "note": order}))
     t0 = time.perf_counter()
     counts = []
-    for i, c in enumerate(synth_chunks(total, seed=seed, chunk_tokens=CHUNK)):
+    for i, c in enumerate(synth_chunks(total, seed=seed, chunk_tokens=chunk)):
         nreq, ntok = c.request_id.size, c.n_tokens
         req = _arrow("requests", {
             "request_id": c.request_id, "run_id": ["bench"] * nreq, "engine_id": ["e0"] * nreq,
@@ -210,11 +210,11 @@ def q_shipped(con: duckdb.DuckDBPyConnection) -> list[tuple]:
     return rows
 
 
-def connect(memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+def connect(memory_limit: str, threads: int, tmp: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     con.execute(f"SET threads={threads}")
     con.execute(f"SET memory_limit='{memory_limit}'")
-    con.execute(f"SET temp_directory='{BENCH_OUT / 'duckdb-tmp'}'")
+    con.execute(f"SET temp_directory='{tmp}'")  # where a join larger than memory_limit spills
     return con
 
 
@@ -237,12 +237,12 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, float, Any]:
 
 
 # ---------------------------------------------------------------------------------- baseline
-def write_jsonl(root: Path, total: int, out: Path, *, seed: int = 0) -> int:
+def write_jsonl(total: int, out: Path, *, seed: int = 0, chunk: int = CHUNK) -> int:
     """The same data as the trace's first chunks, as JSONL rollouts (recorded and replay)."""
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out / "rollouts.jsonl", "w") as fr, open(out / "replay.jsonl", "w") as fp:
-        for c in synth_chunks(total, seed=seed, chunk_tokens=CHUNK):
+        for c in synth_chunks(total, seed=seed, chunk_tokens=chunk):
             starts = np.cumsum(c.length) - c.length
             for j in range(c.request_id.size):
                 a, k = starts[j], c.length[j]
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="all", help="comma list or 'all': " + ", ".join(
         ["shipped", "hash", "hugeint", "sliced", "positional", "lists"]))
+    ap.add_argument("--chunk", type=parse_tokens, default=CHUNK, help="tokens per part (default 1Mi)")
     ap.add_argument("--out", default=str(BENCH_OUT / "query"))
     ap.add_argument("--keep", action="store_true", help="keep the generated trace")
     ap.add_argument("--json", help="write the summary as JSON to this file")
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if not a.keep:
             shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(BENCH_OUT / "duckdb-tmp", ignore_errors=True)
+        shutil.rmtree(out / "duckdb-tmp", ignore_errors=True)
 
 
 def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strategies: list[str],
@@ -331,7 +332,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
 
     full = out / "trace"
     print(f"generating {human_tokens(total)} tokens -> {full}")
-    gen = generate(full, total)
+    gen = generate(full, total, chunk=a.chunk)
     cum = np.cumsum(gen["chunks"])
     disk = {d: sum(p.stat().st_size for p in (full / d).rglob("*.parquet"))
             for d in ("tokens", "requests", "replays/bench", "replays/aligned")}
@@ -351,12 +352,13 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
         for strat in strategies:
             if strat in ("lists", "hugeint") and ntok > 30_000_000:
                 continue  # measured at the small sizes only: slower than hash there already
-            con = connect(a.memory_limit, a.threads)
+            con = connect(a.memory_limit, a.threads, out / "duckdb-tmp")
             try:
                 if strat == "shipped":
                     tcon = Trace(root).connect(check_parts=False, read_only=False)
                     tcon.execute(f"SET threads={a.threads}")
                     tcon.execute(f"SET memory_limit='{a.memory_limit}'")
+                    tcon.execute(f"SET temp_directory='{out / 'duckdb-tmp'}'")
                     s, rss, rows = timed(lambda: q_shipped(tcon), repeat)
                     tcon.close()
                 elif strat == "sliced":
@@ -396,7 +398,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
     nb = int(cum[kb - 1])
     jd = out / "jsonl"
     t0 = time.perf_counter()
-    write_jsonl(full, nb, jd)
+    write_jsonl(nb, jd, chunk=a.chunk)
     jsonl_bytes = sum(p.stat().st_size for p in jd.glob("*.jsonl"))
     print(f"baseline: wrote {nb:,} tokens as JSONL ({jsonl_bytes / nb:.1f} B/token incl. replay, "
           f"{time.perf_counter() - t0:.0f} s)")

@@ -37,9 +37,9 @@ from tracekit.store import parquet as tkpq  # noqa: E402
 TOP_K = 5
 
 
-def tokens_table(n: int, *, logprobs: str, top_k: int = 0, seed: int = 0) -> pa.Table:
+def tokens_table(n: int, *, logprobs: str, top_k: int = 0, seed: int = 0, ids: str = "bpe") -> pa.Table:
     """A tokens part in the writer's layout (sorted by request_id, pos) with ``n`` tokens."""
-    chunks = list(synth_chunks(n, seed=seed, replay=False, chunk_tokens=n))
+    chunks = list(synth_chunks(n, seed=seed, replay=False, chunk_tokens=n, ids=ids))
     c = chunks[0]
     s = TokenSampler(seed + 1)
     lp = engine_like_logprobs(s, c.n_tokens) if logprobs == "engine" else c.logprob
@@ -114,14 +114,25 @@ def variants(t: pa.Table) -> list[tuple[str, dict[str, Any]]]:
         ("zstd 1 + delta ids (request_id, pos, weight_version)", dict(compression="zstd", compression_level=1,
                                                                      use_dictionary=["token_id", "logprob"],
                                                                      column_encoding=enc_ids)),
-        ("tracekit, token_id plain instead of dictionary", {**tk, "use_dictionary": [c for c in tk["use_dictionary"] if c != "token_id"]}),
-        ("tracekit, token_id byte-stream-split", {**tk, "use_dictionary": [c for c in tk["use_dictionary"] if c != "token_id"],
-                                                  "column_encoding": {**tk["column_encoding"], "token_id": "BYTE_STREAM_SPLIT"}}),
-        ("tracekit, row groups of 128k rows", {**tk, "row_group_size": 1 << 17}),
-        ("tracekit, pages of 20k rows (pyarrow default)", {**tk, "max_rows_per_page": 20_000, "data_page_size": None}),
+        ("zstd 1 + byte-stream-split logprob, pages of 128Ki rows", dict(compression="zstd", compression_level=1,
+                                                   use_dictionary=["request_id", "pos", "token_id", "weight_version"],
+                                                   column_encoding={"logprob": "BYTE_STREAM_SPLIT"},
+                                                   max_rows_per_page=1 << 17)),
+        ("tracekit, token_id dictionary (pyarrow default)", {**tk, "use_dictionary": tk["use_dictionary"] + ["token_id"],
+                                                            "column_encoding": _without(tk["column_encoding"], "token_id")}),
+        ("tracekit, token_id plain", {**tk, "column_encoding": {**tk["column_encoding"], "token_id": "PLAIN"}}),
+        ("tracekit, token_id delta", {**tk, "column_encoding": {**tk["column_encoding"], "token_id": "DELTA_BINARY_PACKED"}}),
+        ("tracekit, pages of 20k rows (pyarrow default)", {**tk, "max_rows_per_page": 20_000}),
+        ("tracekit, pages of 1Mi rows", {**tk, "max_rows_per_page": 1 << 20}),
+        ("tracekit, row groups of 128Ki rows", {**tk, "row_group_size": 1 << 17}),
         ("tracekit, zstd level 3", {**tk, "compression_level": 3}),
+        ("tracekit, zstd level 9", {**tk, "compression_level": 9}),
         ("tracekit settings (tracekit/store/parquet.py)", tk),
     ]
+
+
+def _without(d: dict[str, str], key: str) -> dict[str, str]:
+    return {k: v for k, v in d.items() if k != key}
 
 
 def shuffled_order(t: pa.Table) -> pa.Table:
@@ -152,6 +163,12 @@ def run(n: int, logprobs: str, out: list[dict[str, Any]]) -> str:
     b5_default, _ = nbytes(tk5)
     b5, per_col5 = nbytes(tk5, **tracekit_opts(tk5))
     b5_bss, _ = nbytes(tk5, **tracekit_opts(tk5, column_encoding={**tk["column_encoding"], "top_logprobs": "BYTE_STREAM_SPLIT"}))
+    shuf = tokens_table(n, logprobs=logprobs, ids="shuffled")
+    b_shuf, _ = nbytes(shuf, **tk)
+    b_shuf_dict, _ = nbytes(shuf, **{**tk, "use_dictionary": tk["use_dictionary"] + ["token_id"],
+                                     "column_encoding": _without(tk["column_encoding"], "token_id")})
+    rows.append(["token ids shuffled (no frequency order): tracekit settings", b_shuf / n, base / b_shuf])
+    rows.append(["token ids shuffled: tracekit, token_id dictionary", b_shuf_dict / n, base / b_shuf_dict])
     rows.append([f"top-{TOP_K}: pyarrow defaults", b5_default / n, base / b5_default])
     rows.append([f"top-{TOP_K}: tracekit settings", b5 / n, base / b5])
     rows.append([f"top-{TOP_K}: tracekit + byte-stream-split top_logprobs", b5_bss / n, base / b5_bss])
