@@ -52,6 +52,13 @@ def load_into(llm: Any, tensors: dict[str, Any], model_dir: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def restore(llm: Any, model_dir: Path) -> None:
+    """Leave a shared engine as we found it: base weights, pointed at the original directory
+    (in-process reload_weights repoints model_config.model at the reload path)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    llm.reset_prefix_cache()
+
+
 def prompts(n: int, seed: int = 0, lo: int = 6, hi: int = 20, vocab: int = 500) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
@@ -92,9 +99,10 @@ def record_trace(
             load_into(llm, b["tensors"], model_dir)
             if v is not None and v not in stored:
                 label = (snapshot_labels or {}).get(v, v)
-                src = b["tensors"] if label == v else next(x["tensors"] for x in batches if x.get("version") == label)
-                w.write("weights", put_tensors(root, src, version=v, step=v, run_id=w.run_id))
                 stored.add(v)
+                if label is not None:  # None: deliberately no snapshot for this version
+                    src = b["tensors"] if label == v else next(x["tensors"] for x in batches if x.get("version") == label)
+                    w.write("weights", put_tensors(root, src, version=v, step=v, run_id=w.run_id))
         sps = [SamplingParams(**s, logprobs=0) for s in b["sampling"]]
         t0 = dt.datetime.now(dt.timezone.utc)
         outs = llm.generate([{"prompt_token_ids": p} for p in b["prompts"]], sps, use_tqdm=False)
@@ -116,6 +124,6 @@ def record_trace(
                             request_id=rid, weight_version=v)
             rows[rid] = {**row, "logprobs": lps}
     if any(b.get("tensors") is not None for b in batches):
-        load_into(llm, base_tensors(model_dir), model_dir)  # leave the shared engine as we found it
+        restore(llm, model_dir)
     w.close()
     return rows

@@ -417,10 +417,12 @@ def attribute(trace: Path, fmt: str, fail_on: str | None, no_replay: bool, pytho
 @click.option("--resume", is_flag=True, help="Continue an interrupted replay of the same name.")
 @click.option("--allow-missing-weights", is_flag=True,
               help="Skip (and count) requests whose weight version has no snapshot.")
+@click.option("--chunk-requests", type=int, default=64, show_default=True,
+              help="Requests per engine batch; each batch is committed (tokens, then ledger) as a unit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def replay_cmd(trace: Path, name: str, python: str | None, engine_arg: tuple[str, ...], hf_override: tuple[str, ...],
                mode: str, model: str | None, shard: str | None, limit: int | None, resume: bool,
-               allow_missing_weights: bool, no_progress: bool) -> None:
+               allow_missing_weights: bool, chunk_requests: int, no_progress: bool) -> None:
     """Re-execute the trace's requests on a (possibly other) vLLM, per recorded weight version."""
     from .replay import parse_kv, replay
 
@@ -428,6 +430,7 @@ def replay_cmd(trace: Path, name: str, python: str | None, engine_arg: tuple[str
         trace, name, python=python, engine_args=parse_kv(engine_arg, "--engine-arg"),
         hf_overrides=parse_kv(hf_override, "--hf-override"), mode=mode, shard=shard, limit=limit,
         resume=resume, allow_missing_weights=allow_missing_weights, progress=not no_progress, model=model,
+        chunk_requests=chunk_requests,
     )
     click.echo(
         f"replay {res.name} ({res.mode}, vLLM {res.target_vllm or '-'}): {res.requests_ok} ok, "

@@ -262,8 +262,20 @@ def run(job: dict[str, Any], out: BinaryIO) -> None:
             _shutdown(llm)
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so a killed replay leaves no engine behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - other platforms: the worker stops at its next pipe write
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     out = os.fdopen(int(argv[1]), "wb", buffering=1 << 16)
     try:
