@@ -1,0 +1,158 @@
+"""Recording proxy in front of a real vLLM OpenAI server (started here, reaped by process group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tracekit.store.reader import Trace
+
+from test_record_cli import PROMPTS, SEEDS, _api_trace, _rows, assert_same_content
+
+pytestmark = pytest.mark.engine
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    tmpl = tmp_path_factory.mktemp("srv") / "chat.jinja"
+    tmpl.write_text(CHAT_TEMPLATE)
+    port = _port()
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    log = open(tmpl.parent / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--host", "127.0.0.1",
+         "--port", str(port), "--gpu-memory-utilization", "0.3", "--enforce-eager", "--dtype", "bfloat16",
+         "--seed", "0", "--max-model-len", "512", "--chat-template", str(tmpl)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", proc, 600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _reap(proc)
+        log.close()
+
+
+@pytest.fixture
+def proxy(server, tmp_path):
+    port = _port()
+    (tmp_path / "args.json").write_text(json.dumps({"dtype": "bfloat16", "logprobs_mode": "raw_logprobs"}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracekit.cli", "proxy", "--upstream", server, "--listen", f"127.0.0.1:{port}",
+         "--out", str(tmp_path / "px"), "--engine-args", str(tmp_path / "args.json"), "--flush-interval", "0.2"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", proc, 120)  # passthrough to the server's /health
+        yield f"http://127.0.0.1:{port}", tmp_path / "px", proc
+    finally:
+        _reap(proc)
+
+
+def _norm(o):
+    if isinstance(o, dict):
+        return {k: _norm(v) for k, v in o.items() if k not in ("id", "created")}
+    if isinstance(o, list):
+        return [_norm(x) for x in o]
+    return o
+
+
+def _call(base: str, path: str, body: dict):
+    import httpx
+
+    if body.get("stream"):
+        with httpx.stream("POST", base + path, json=body, timeout=120) as r:
+            return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return httpx.post(base + path, json=body, timeout=120).json()
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def test_proxy_gives_clients_the_unproxied_response(server, proxy, tiny_model):
+    base, trace, proc = proxy
+    m = str(tiny_model)
+    cases = [
+        ("/v1/completions", {"model": m, "prompt": "the quick", "max_tokens": 6, "seed": 1}),
+        ("/v1/completions", {"model": m, "prompt": "the quick", "max_tokens": 6, "seed": 1, "n": 2, "temperature": 0.7}),
+        ("/v1/completions", {"model": m, "prompt": "the quick", "max_tokens": 6, "seed": 1, "logprobs": 2}),
+        ("/v1/completions", {"model": m, "prompt": "the quick", "max_tokens": 6, "seed": 1, "stream": True}),
+        ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 1}),
+        ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 1,
+                                  "stream": True}),
+        ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 1,
+                                  "logprobs": True, "top_logprobs": 2}),
+    ]
+    for path, body in cases:
+        direct, proxied = _call(server, path, body), _call(base, path, body)
+        if body.get("stream"):  # chunk boundaries are timing-dependent: compare the content
+            def text(chunks):
+                return "".join((c["choices"][0].get("text") or (c["choices"][0].get("delta") or {}).get("content") or "")
+                               for c in chunks if c.get("choices"))
+            assert text(direct) == text(proxied)
+            assert all(ch.get("logprobs") is None and ch.get("token_ids") is None for c in proxied for ch in c["choices"])
+        else:
+            assert _norm(direct) == _norm(proxied), path
+    _stop(proc)
+    con = Trace(trace).connect(read_only=False)
+    rows = con.execute("SELECT extra, len(output_token_ids), (SELECT count(*) FROM tokens t WHERE t.request_id = r.request_id "
+                       "AND t.logprob IS NOT NULL) FROM requests r").fetchall()
+    eng = con.execute("SELECT vllm_version, model, dtype, surface FROM engines").fetchall()
+    con.close()
+    assert len(rows) == 8 and all(n == 6 and k == 6 for _, n, k in rows)  # ids + logprobs even when not asked
+    import vllm
+
+    assert eng == [(vllm.__version__, str(tiny_model), "bfloat16", "http")]
+
+
+def test_proxy_trace_equals_api_path_trace(proxy, engine_pool, tiny_model, tmp_path):
+    base, trace, proc = proxy
+    for p, s in zip(PROMPTS, SEEDS):
+        _call(base, "/v1/completions", {"model": str(tiny_model), "prompt": p, "max_tokens": 8, "seed": s,
+                                        "temperature": 0.8, "stream": s % 2 == 0})
+    _stop(proc)
+    assert_same_content(_rows(trace), _api_trace(engine_pool, tiny_model, tmp_path / "api"))
