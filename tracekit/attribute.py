@@ -325,6 +325,15 @@ class Context:
             "SELECT DISTINCT weight_version FROM tokens WHERE weight_version IS NOT NULL ORDER BY 1").fetchall()]
 
     # -- replays
+    def repro_tol(self, replay: str) -> float:
+        """How close a same-config replay must be to the recording: bitwise-level on the same
+        vLLM version; the bf16 noise floor when the replay ran on another version."""
+        rec = {e.get("vllm_version") for e in self.record_engines()}
+        target = self.trace.replay_meta(replay).get("target_vllm_version")
+        if target and rec and target not in rec:
+            return self.t.noise_floor
+        return self.t.repro_tol
+
     def source(self, replay: str, mode: str) -> str:
         return f"replay:{replay}" if mode == "raw" else f"replay:{replay}:processed"
 

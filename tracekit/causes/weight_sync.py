@@ -98,14 +98,15 @@ class WeightSync(Cause):
         mode = ctx.recorded_mode
         faithful = ctx.source(rung.replay, mode)
         repro = ctx.metrics("recorded", faithful, where=SINGLE_VERSION)
+        tol = ctx.repro_tol(rung.replay)
         evidence.append(Evidence(
             f"recorded vs a replay under the claimed weights ({faithful}): mean |Δ| {_f(repro.mean_abs_delta)} "
-            f"on {repro.tokens} tokens (same engine config; reproduces to ≤ {ctx.t.repro_tol})",
+            f"on {repro.tokens} tokens (same engine config; must reproduce to ≤ {tol})",
             f"tracekit diff TRACE --a recorded --b {faithful} --by weight_version",
             {"mean_abs_delta": repro.mean_abs_delta, "tokens": repro.tokens, "max_abs_delta": repro.max_abs_delta},
-            None if repro.mean_abs_delta is None else repro.mean_abs_delta > ctx.t.repro_tol,
+            None if repro.mean_abs_delta is None else repro.mean_abs_delta > tol,
         ))
-        if repro.mean_abs_delta is None or repro.mean_abs_delta <= ctx.t.repro_tol:
+        if repro.mean_abs_delta is None or repro.mean_abs_delta <= tol:
             if stale:
                 return Verdict(INCONCLUSIVE, "a checksum repeats another version's, yet a replay under the "
                                "claimed weights reproduces the recorded logprobs")
