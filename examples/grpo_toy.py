@@ -34,12 +34,15 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--top-k", type=int, default=None, help="unset by default, like most RL jobs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1.5e-4)
+    ap.add_argument("--logit-offset", type=float, default=None,
+                    help="per-position logit shift for realistic magnitudes (default: 60 for the tiny model, 0 for --model)")
     a = ap.parse_args()
     if a.out.exists() and any(a.out.iterdir()):
         print(f"error: {a.out} exists and is not empty", file=sys.stderr)
         return 2
     model = a.model
+    offset = a.logit_offset if a.logit_offset is not None else (0.0 if model is not None else 60.0)
     if model is None:
         from tracekit.testing.tiny_model import build_tiny_model
 
@@ -48,7 +51,7 @@ def main() -> int:
 
     res = run_job(a.out, model, faults=Faults.of(*a.fault), steps=a.steps, group_size=a.group_size,
                   prompts_per_step=a.prompts_per_step, max_tokens=a.max_tokens, temperature=a.temperature,
-                  top_p=a.top_p, top_k=a.top_k, seed=a.seed, lr=a.lr, log=print)
+                  top_p=a.top_p, top_k=a.top_k, seed=a.seed, lr=a.lr, logit_offset=offset, log=print)
     print(f"trace {res.trace}: {res.requests} requests, {res.tokens} tokens, weight versions "
           f"{res.weight_versions[0]}..{res.weight_versions[-1]}, faults: {res.faults}, "
           f"mean |engine - trainer| {res.mean_abs_delta():.4f}, {res.seconds:.0f} s")

@@ -19,7 +19,7 @@ from tracekit.testing.faults import PLANTED_GENERATION_DEFAULTS, Faults
 
 pytestmark = pytest.mark.engine
 
-SMALL: dict[str, Any] = dict(steps=3, group_size=4, prompts_per_step=4, max_tokens=12)
+SMALL: dict[str, Any] = {"steps": 3, "group_size": 4, "prompts_per_step": 4, "max_tokens": 12}
 
 
 @pytest.fixture(scope="module")

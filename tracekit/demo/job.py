@@ -13,7 +13,9 @@ The job's own curves (reward, clip rate, KL(new‖old), entropy, engine/trainer 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ from ..testing.faults import DEFAULT_LOGIT_OFFSET, Faults, engine_args, prepare_
 from . import task
 
 METRICS_FILE = Path("job") / "metrics.json"
+_log = logging.getLogger("tracekit.demo")
 
 
 @dataclass
@@ -58,7 +61,7 @@ def run_job(
     out_trace: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     *,
-    faults: Faults = Faults(),
+    faults: Faults | None = None,
     steps: int = 8,
     group_size: int = 8,
     prompts_per_step: int = 8,
@@ -67,7 +70,7 @@ def run_job(
     top_p: float = 0.9,
     top_k: int | None = None,
     seed: int = 0,
-    lr: float = 3e-4,
+    lr: float = 1.5e-4,
     ppo_epochs: int = 2,
     clip_eps: float = 0.2,
     logit_offset: float = DEFAULT_LOGIT_OFFSET,
@@ -89,6 +92,7 @@ def run_job(
     from .trainer import Batch, Trainer
 
     t_start = time.time()
+    faults = faults or Faults()
     out_trace, model_dir = Path(out_trace), Path(model_dir)
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="tracekit-job-")) if own_work else Path(work_dir)
@@ -158,14 +162,14 @@ def run_job(
             d = np.concatenate([e - t for e, t in zip(eng_lps, old)]) if eng_lps else np.zeros(0)
             fin = d[np.isfinite(d)]
             ntok = int(sum(len(o) for o in out_ids))
-            row = dict(
-                step=step, policy_version=version - 1, reward=float(np.mean(rewards)) if rewards else 0.0,
-                clip_rate=upd["clip_rate"], kl_new_old=upd["kl_new_old"],
-                entropy=float(np.mean(np.concatenate(ents))) if ntok else None,
-                engine_trainer_abs_delta=float(np.abs(fin).mean()) if fin.size else float("nan"),
-                delta_tokens=int(fin.size), nonfinite_tokens=int(d.size - fin.size),
-                requests=len(rids), tokens=ntok, seconds=round(time.time() - t_step, 3),
-            )
+            row = {
+                "step": step, "policy_version": version - 1, "reward": float(np.mean(rewards)) if rewards else 0.0,
+                "clip_rate": upd["clip_rate"], "kl_new_old": upd["kl_new_old"],
+                "entropy": float(np.mean(np.concatenate(ents))) if ntok else None,
+                "engine_trainer_abs_delta": float(np.abs(fin).mean()) if fin.size else float("nan"),
+                "delta_tokens": int(fin.size), "nonfinite_tokens": int(d.size - fin.size),
+                "requests": len(rids), "tokens": ntok, "seconds": round(time.time() - t_step, 3),
+            }
             result.steps.append(row)
             result.requests += len(rids)
             result.tokens += ntok
@@ -181,9 +185,9 @@ def run_job(
         result.rows_dropped = st.dropped
         result.recorder_errors = rec.errors
         result.seconds = time.time() - t_start
-        _write_metrics(result, dict(steps=steps, group_size=group_size, prompts_per_step=prompts_per_step,
-                                    max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, lr=lr, ppo_epochs=ppo_epochs, clip_eps=clip_eps))
+        _write_metrics(result, {"steps": steps, "group_size": group_size, "prompts_per_step": prompts_per_step,
+                                    "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                    "seed": seed, "lr": lr, "ppo_epochs": ppo_epochs, "clip_eps": clip_eps})
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
         if own_llm:
@@ -212,22 +216,20 @@ def _engine_logprobs(c: Any) -> np.ndarray:
 def _engine_dtype(llm: Any, eargs: dict[str, Any]) -> str:
     try:
         return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
-    except Exception:
+    except AttributeError:
         return str(eargs.get("dtype", "float32")) if eargs.get("dtype") not in (None, "auto") else "float32"
 
 
 def _label(llm: Any) -> str | None:
     try:
         return llm.llm_engine.get_weight_version()
-    except Exception:
+    except AttributeError:  # engines without version labels
         return None
 
 
 def _set_label(llm: Any, version: int) -> None:
-    try:
+    with contextlib.suppress(AttributeError):  # engines without labels: the recorder falls back
         llm.llm_engine.set_weight_version(str(version))
-    except Exception:  # engines without labels: the recorder tags by its own count
-        pass
 
 
 def _restore(llm: Any, model: Path, label: str | None) -> None:
@@ -238,8 +240,8 @@ def _restore(llm: Any, model: Path, label: str | None) -> None:
         llm.reset_prefix_cache()
         if label is not None:
             llm.llm_engine.set_weight_version(label)
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001 - a failed restore must not hide the job's result
+        _log.warning("tracekit demo: could not restore the shared engine: %s", e)
 
 
 def _unwrap(llm: Any, rec: Any) -> None:
@@ -265,9 +267,9 @@ def _write_metrics(result: JobResult, params: dict[str, Any]) -> None:
     try:
         p = result.metrics_path
         p.parent.mkdir(parents=True, exist_ok=True)
-        doc = dict(job="tracekit.demo.grpo", faults=result.faults.as_dict(), params=params,
-                   engine_args=result.engine_args, model=result.model, seconds=result.seconds,
-                   weight_versions=result.weight_versions, steps=result.steps)
+        doc = {"job": "tracekit.demo.grpo", "faults": result.faults.as_dict(), "params": params,
+                   "engine_args": result.engine_args, "model": result.model, "seconds": result.seconds,
+                   "weight_versions": result.weight_versions, "steps": result.steps}
         tmp = p.with_name(f".{p.name}.tmp")
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         os.replace(tmp, p)
@@ -278,8 +280,8 @@ def _write_metrics(result: JobResult, params: dict[str, Any]) -> None:
 def _shutdown(llm: Any) -> None:
     try:
         llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001 - shutting down is best effort
+        _log.debug("engine shutdown: %s", e)
 
 
 __all__ = ["Faults", "JobResult", "run_job"]

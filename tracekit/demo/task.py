@@ -8,7 +8,8 @@ step on group-normalised advantages raises that share visibly within ~5 steps.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 PROMPTS = [
     "count with me :",

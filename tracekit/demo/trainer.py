@@ -7,9 +7,10 @@ differentiable loss), and takes clipped policy-gradient (PPO/GRPO) steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class Batch:
     out_lens: list[int]
 
     @classmethod
-    def build(cls, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], pad_id: int) -> "Batch":
+    def build(cls, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], pad_id: int) -> Batch:
         import torch
 
         seqs = [list(p) + list(o) for p, o in zip(prompts, outputs)]
@@ -61,7 +62,7 @@ class Trainer:
         self.model = load_reference_model(model_dir, dtype="float32")
         self.model.train(False)  # no dropout: the trainer's logprobs must be deterministic
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.clip_eps = clip_eps
         self.pad_id = int(self.model.config.pad_token_id or 0)
 
@@ -130,7 +131,8 @@ class Trainer:
                 loss.backward()
                 self.opt.step()
         after, _ = self.score(batch)
-        r_log = [np.where(np.isfinite(a) & np.isfinite(o), a - o, 0.0) for a, o in zip(after, old)]
+        with np.errstate(invalid="ignore"):  # -inf - -inf where both filtered the token out
+            r_log = [np.where(np.isfinite(a) & np.isfinite(o), a - o, 0.0) for a, o in zip(after, old)]
         d = np.concatenate(r_log) if r_log else np.zeros(0)
         r = np.exp(d)
         kl = float(np.mean(r * d - r + 1)) if d.size else 0.0

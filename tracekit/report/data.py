@@ -68,11 +68,11 @@ def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> 
                 if not m["tokens"]:
                     continue
                 step = _step(m["step"])
-                data.curves.setdefault(src, {})[step] = dict(
-                    tokens=m["tokens"], nonfinite=m["nonfinite_tokens"], mean_abs_delta=m["mean_abs_delta"],
-                    clip_rate=m["clip_rate"], kl_new_old=m["k3"], entropy=m["entropy_b"],
-                    seq_clip_rate=m["seq_clip_rate"], reward=rewards.get(m["step"]),
-                )
+                data.curves.setdefault(src, {})[step] = {
+                    "tokens": m["tokens"], "nonfinite": m["nonfinite_tokens"], "mean_abs_delta": m["mean_abs_delta"],
+                    "clip_rate": m["clip_rate"], "kl_new_old": m["k3"], "entropy": m["entropy_b"],
+                    "seq_clip_rate": m["seq_clip_rate"], "reward": rewards.get(m["step"]),
+                }
                 ref_curve = data.curves.setdefault(reference, {}).setdefault(step, {"reward": rewards.get(m["step"])})
                 if m["entropy_a"] is not None:
                     ref_curve["entropy"] = m["entropy_a"]
@@ -103,9 +103,9 @@ def _summary(con: Any, t: Trace) -> dict[str, Any]:
     (trn,) = con.execute("SELECT count(*) FROM trainer").fetchone()
     (ver,) = con.execute("SELECT count(DISTINCT weight_version) FROM tokens").fetchone()
     (snap,) = con.execute("SELECT count(DISTINCT version) FROM weights").fetchone()
-    return dict(trace_id=t.manifest.get("trace_id"), created=t.manifest.get("created"), requests=req,
-                steps=steps, step_range=(smin, smax), tokens=tok, trainer_tokens=trn, weight_versions=ver,
-                snapshots=snap, replays=t.replay_names())
+    return {"trace_id": t.manifest.get("trace_id"), "created": t.manifest.get("created"), "requests": req,
+                "steps": steps, "step_range": (smin, smax), "tokens": tok, "trainer_tokens": trn, "weight_versions": ver,
+                "snapshots": snap, "replays": t.replay_names()}
 
 
 _ENGINE_COLS = ("engine_id", "role", "vllm_version", "dtype", "logprobs_mode", "head_dtype",

@@ -30,12 +30,12 @@ CAUSES = ("logprob_mode", "runtime_defaults", "weight_sync", "lm_head_precision"
 # Sampling defaults planted in the checkpoint for ``runtime_defaults``. top_k truncates the
 # distribution the engine samples from and reports (processed logprobs), which the trainer, who
 # never asked for top_k, does not apply. A small k makes the gap clearly larger than bf16 noise.
-PLANTED_GENERATION_DEFAULTS: dict[str, Any] = {"top_k": 8}
+PLANTED_GENERATION_DEFAULTS: dict[str, Any] = {"top_k": 3}
 
 # Engine args every demo/test engine uses on a CPU box (see VLLM_CPU.md).
-CPU_ENGINE_ARGS: dict[str, Any] = dict(
-    dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=512
-)
+CPU_ENGINE_ARGS: dict[str, Any] = {
+    "dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 512
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Faults:
     lm_head_precision: bool = False
 
     @classmethod
-    def of(cls, *names: str) -> "Faults":
+    def of(cls, *names: str) -> Faults:
         """``Faults.of("weight_sync", "lm_head_precision")``; unknown names raise ValueError."""
         bad = [n for n in names if n not in CAUSES]
         if bad:
@@ -86,8 +86,8 @@ def generation_defaults(faults: Faults) -> dict[str, Any]:
 # Tiny random models have small logits (|logit| ~ 4), where a bf16 lm_head rounds no worse than
 # the bf16 body. Real LLMs have logits in the tens. Adding the same per-position offset to every
 # vocab row (a rank-one term on one hidden dimension) keeps each next-token distribution exactly
-# while raising logit magnitudes to ~30, where bf16 head rounding is clearly visible.
-DEFAULT_LOGIT_OFFSET = 30.0
+# while raising logit magnitudes to ~60, where bf16 head rounding (spacing 0.25) is clearly visible.
+DEFAULT_LOGIT_OFFSET = 60.0
 
 
 def prepare_model(
@@ -106,7 +106,8 @@ def prepare_model(
     defaults = generation_defaults(faults)
     if not defaults and not logit_offset:
         return model_dir
-    tag = (f"+offset{logit_offset:g}" if logit_offset else "") + ("+gen-defaults" if defaults else "")
+    # The name encodes every setting, so a cached copy never stands in for different ones.
+    tag = (f"+offset{logit_offset:g}" if logit_offset else "") + "".join(f"+{k}{v}" for k, v in sorted(defaults.items()))
     out = _writable_parent(model_dir, work_dir) / f"{model_dir.name}{tag}"
     if out.exists():
         return out
