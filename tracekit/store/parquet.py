@@ -31,10 +31,12 @@ def write_options(table: Table, schema: pa.Schema) -> dict[str, Any]:
     for col in table.columns:
         if col.name not in schema.names:
             continue
+        # A list column's values live in the leaf column "<name>.list.element".
+        leaf = f"{col.name}.list.element" if col.type.startswith("list<") else col.name
         if col.encoding == "delta":
-            encodings[col.name] = "DELTA_BINARY_PACKED"
+            encodings[leaf] = "DELTA_BINARY_PACKED"
         elif col.encoding == "byte_stream_split":
-            encodings[col.name] = "BYTE_STREAM_SPLIT"
+            encodings[leaf] = "BYTE_STREAM_SPLIT"
         elif col.encoding == "dictionary" or col.type in ("string", "json"):
             dictionary.append(col.name)
     return dict(
