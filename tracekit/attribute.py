@@ -473,6 +473,14 @@ def build_ladder(ctx: Context, causes: list[Cause], evidence: dict[str, list[Evi
         )
     g0 = ctx.gap("recorded")
     cur_src, cur_gap, mode = "recorded", g0, rec_mode
+    # Which kind (raw/processed) the trainer uses is read on the most-fixed replay, where no other
+    # cause blurs it (e.g. file defaults change processed logprobs but not raw ones).
+    final = names.get(cfgs[-1]) if cfgs else None
+    trainer_mode = rec_mode
+    if final is not None:
+        gaps = {m: ctx.gap(ctx.source(final, m)) for m in ("raw", "processed")}
+        if all(v is not None for v in gaps.values()):
+            trainer_mode = min(gaps, key=lambda m: gaps[m])  # type: ignore[arg-type, return-value]
     cfg = ReplayConfig()
     for c in causes:
         ab = ablations[c.id]
@@ -490,10 +498,10 @@ def build_ladder(ctx: Context, causes: list[Cause], evidence: dict[str, list[Evi
             if g is None:
                 rungs.append(Rung(c.id, False, note=f"{src} has no comparable tokens"))
                 continue
-            if cur_gap is not None and g < cur_gap:
+            if trainer_mode == other:
                 r = Rung(c.id, True, cur_src, src, cur_gap, g, replay=replay, note=f"trainer expects {other} logprobs")
                 mode, cur_src, cur_gap = other, src, g
-            else:  # the switch would widen the gap: the rung keeps the recorded kind
+            else:  # the trainer uses the recorded kind: the rung changes nothing
                 r = Rung(c.id, True, cur_src, cur_src, cur_gap, cur_gap, replay=replay,
                          note=f"trainer matches {mode} logprobs ({other}: {_f(g)})")
         else:

@@ -24,7 +24,7 @@ PROCESSING = ("(coalesce(temperature, 1.0) >= 1e-5 AND (coalesce(temperature, 1.
 class LogprobMode(Cause):
     id = "logprob_mode"
     title = "Logprob mode: raw engine logprobs vs processed trainer logprobs (or the reverse)"
-    order = 30
+    order = 20
     fix = ('Return the logprobs the trainer uses: LLM(..., logprobs_mode="processed_logprobs") '
            '(vllm serve --logprobs-mode processed_logprobs), or have the trainer score raw logprobs.')
 

@@ -26,7 +26,7 @@ MIN_CACHE_TOKENS = 20  # per side, before a hit/miss comparison means anything
 class RuntimeDefaults(Cause):
     id = "runtime_defaults"
     title = "Runtime defaults: generation_config applied silently, prefix cache, async scheduling"
-    order = 20
+    order = 30
     fix = 'LLM(..., generation_config="vllm") and pass explicit SamplingParams (or override_generation_config={...}).'
 
     def evidence(self, ctx: Context) -> list[Evidence]:
