@@ -63,6 +63,10 @@ def validate(root: str | Path, *, deep: bool = True) -> list[Finding]:
             findings.append(Finding("error", str(e)))
         except Exception as e:
             findings.append(Finding("error", f"{part.path}: unreadable data ({one_line(e)})"))
+    leftovers = [p for p in trace.root.rglob(".*.tmp") if p.is_file()]
+    if leftovers:  # a kill -9 mid-part or mid-blob leaves its hidden temp file behind
+        findings.append(Finding("warning", f"{len(leftovers)} hidden temp file(s) left by an interrupted "
+                                "writer (never read; safe to delete when no writer is running)"))
     if any(f.level == "error" for f in findings):
         return findings  # the SQL checks below would only fail on the same files
     con = trace.connect(read_only=False, check_parts=False)

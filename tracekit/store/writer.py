@@ -107,6 +107,7 @@ class TraceWriter:
         self._closing = False
         self._closed = False
         self._seq = 0
+        self._queued_since = time.monotonic()
         self.ok = True
         try:
             ensure_manifest(self.root, meta)
@@ -145,6 +146,8 @@ class TraceWriter:
                 if self._closed or not self.ok or self._queued_rows + n > self.max_queue_rows:
                     self._count_drop(table, n)
                     return False
+                if not self._queue:
+                    self._queued_since = time.monotonic()
                 self._queue.append((table, replay, rows, n))
                 self._queued_rows += n
                 if self._queued_rows > self._stats.queue_high_water:
@@ -228,10 +231,20 @@ class TraceWriter:
     def _run(self) -> None:
         buffers: dict[tuple[str, str | None], list[tuple[Any, int]]] = {}
         first_at: dict[tuple[str, str | None], float] = {}
+        try:  # pyarrow's first conversion imports pandas (0.5-2 s): pay it before a flush is due
+            pa.array([0])
+        except Exception:
+            pass
         while True:
-            self._wake.wait(self._tick())
+            # Sleep until the oldest buffered row is due, so a row waits at most one flush
+            # interval (plus the write) whatever the tick: that bounds what a kill -9 loses.
+            timeout = self._tick()
+            if first_at:
+                timeout = min(timeout, max(0.0, min(first_at.values()) + self.flush_interval - time.monotonic()))
+            self._wake.wait(timeout)
             self._wake.clear()
             with self._lock:
+                since = self._queued_since
                 items = list(self._queue)
                 self._queue.clear()
                 self._queued_rows = 0
@@ -241,7 +254,7 @@ class TraceWriter:
             for tname, replay, rows, n in items:
                 key = (tname, replay)
                 buffers.setdefault(key, []).append((rows, n))
-                first_at.setdefault(key, now)
+                first_at.setdefault(key, since)  # when the caller queued it, not when drained
             force = bool(flushes) or closed
             # Parent tables first: a crash between two renames leaves requests without tokens
             # (visible as short requests), never tokens without their request.
