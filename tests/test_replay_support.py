@@ -7,7 +7,6 @@ weight update between batches (reload_weights + reset_prefix_cache), as an RL jo
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,59 +70,48 @@ def record_trace(
     batches: list[dict[str, Any]],
     *,
     engine_args: dict[str, Any],
-    snapshot_labels: dict[int, int] | None = None,
+    snapshot_labels: dict[int, int | None] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Record ``batches`` into a new trace at ``root``; returns {request_id: request row}.
+    """Record ``batches`` with the real Recorder into a new trace at ``root``.
 
-    Each batch: ``version`` (int or None), ``tensors`` (to load before it, or None), ``prompts``
-    and ``sampling`` (list of SamplingParams kwargs, one per prompt). The engine is left with
-    the base weights. ``snapshot_labels`` stores version v's tensors under another label (a
-    deliberately wrong trace for tests).
+    Each batch: ``version``, ``tensors`` to push before it (``Recorder.update_weights``: reload,
+    label, reset prefix cache, weight_syncs row, snapshot) or None, ``prompts`` and ``sampling``
+    (SamplingParams kwargs per prompt). ``snapshot_labels`` plants a weight-sync fault: version v's
+    snapshot holds the tensors of another version (or none at all: None). The shared engine is
+    unwrapped and left with its base weights and label. Returns {request_id: request row + logprobs}.
     """
     from vllm import SamplingParams
 
-    from tracekit.capture.fingerprint import fingerprint_llm
-    from tracekit.store.weights import put_tensors
-    from tracekit.store.writer import TraceWriter
+    from tracekit.capture import Recorder
 
-    w = TraceWriter(root, kind="record")
-    eid = "rec-" + w.run_id[:8]
-    w.write("engines", fingerprint_llm(llm, role="record", surface="llm", engine_args=engine_args,
-                                       run_id=w.run_id, engine_id=eid))
-    rows: dict[int, dict[str, Any]] = {}
-    rid = 1 << 40
-    stored: set[int] = set()
-    for b in batches:
-        v = b.get("version")
-        if b.get("tensors") is not None:
-            load_into(llm, b["tensors"], model_dir)
-            if v is not None and v not in stored:
+    label_before = llm.llm_engine.get_weight_version() if hasattr(llm.llm_engine, "get_weight_version") else None
+    rec = Recorder(root)
+    rec.wrap(llm, engine_args=engine_args)
+    by_version = {b["version"]: b["tensors"] for b in batches if b.get("tensors") is not None}
+    try:
+        for b in batches:
+            v = b.get("version")
+            if b.get("tensors") is not None:
                 label = (snapshot_labels or {}).get(v, v)
-                stored.add(v)
-                if label is not None:  # None: deliberately no snapshot for this version
-                    src = b["tensors"] if label == v else next(x["tensors"] for x in batches if x.get("version") == label)
-                    w.write("weights", put_tensors(root, src, version=v, step=v, run_id=w.run_id))
-        sps = [SamplingParams(**s, logprobs=0) for s in b["sampling"]]
-        t0 = dt.datetime.now(dt.timezone.utc)
-        outs = llm.generate([{"prompt_token_ids": p} for p in b["prompts"]], sps, use_tqdm=False)
-        for p, s, out in zip(b["prompts"], b["sampling"], outs):
-            rid += 1
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)]
-            row = dict(
-                request_id=rid, run_id=w.run_id, engine_id=eid, engine_request_id=out.request_id, surface="llm",
-                step=v, group_id=None, sample_idx=0, prompt_token_ids=p, output_token_ids=ids,
-                sampling_requested=s, sampling_resolved=s, temperature=s.get("temperature", 1.0),
-                top_p=s.get("top_p", 1.0), top_k=s.get("top_k", 0), min_p=s.get("min_p", 0.0), seed=s.get("seed"),
-                max_tokens=s.get("max_tokens"), num_logprobs=None, finish_reason=c.finish_reason,
-                weight_version_start=v, weight_version_end=v, t_submit=t0, t_finish=dt.datetime.now(dt.timezone.utc),
-            )
-            w.write("requests", row)
-            w.write_columns("tokens", {"pos": list(range(len(ids))), "token_id": ids, "logprob": lps},
-                            request_id=rid, weight_version=v)
-            rows[rid] = {**row, "logprobs": lps}
-    if any(b.get("tensors") is not None for b in batches):
-        restore(llm, model_dir)
-    w.close()
+                rec.update_weights(llm, v, b["tensors"], step=v, snapshot=label == v)
+                if label is not None and label != v:
+                    rec.log_weights(v, by_version[label], step=v, force=True)
+            rec.step(v)
+            sps = [SamplingParams(**sp) for sp in b["sampling"]]
+            llm.generate([{"prompt_token_ids": p} for p in b["prompts"]], sps, use_tqdm=False)
+    finally:
+        rec.close()
+        for attr in ("generate", "chat", "collective_rpc", "_tracekit_recorder", "_tracekit_hooks"):
+            llm.__dict__.pop(attr, None)
+        if by_version:
+            restore(llm, model_dir)
+        if hasattr(llm.llm_engine, "set_weight_version"):
+            llm.llm_engine.set_weight_version(label_before)
+    from tracekit.store.reader import Trace
+
+    t = Trace(root)
+    cols = ["request_id", "output_token_ids", "weight_version_start", "temperature", "top_k", "top_p", "sampling_resolved"]
+    rows = {r[0]: dict(zip(cols, r)) for r in t.query(f"SELECT {', '.join(cols)} FROM requests")}
+    for rid, lps in t.query("SELECT request_id, list(logprob ORDER BY pos) FROM tokens GROUP BY 1"):
+        rows[rid]["logprobs"] = lps
     return rows

@@ -54,10 +54,19 @@ class ReplayResult:
     seconds: float = 0.0
     target_vllm: str | None = None
     notes: list[str] = field(default_factory=list)
+    # (monotonic time, tokens committed so far) after each committed batch: steady-state rates.
+    timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def steady_tokens_per_second(self, skip: int = 1) -> float:
+        """Tokens/s after the first ``skip`` batches (engine start and warm-up excluded)."""
+        if len(self.timeline) <= skip:
+            return 0.0
+        (t0, n0), (t1, n1) = self.timeline[skip - 1] if skip else (self.timeline[0][0], 0), self.timeline[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 def parse_kv(items: list[str] | tuple[str, ...] | None, what: str = "--engine-arg") -> dict[str, Any]:
@@ -290,6 +299,7 @@ def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str,
                     pending.append(msg)
                 elif kind == "chunk_end":
                     ntok = _commit(writer, pending, name, mode, shard_s, engine_id, res)
+                    res.timeline.append((time.monotonic(), res.tokens))
                     bar.advance(len(pending), ntok)
                     pending = []
                 elif kind == "started":

@@ -59,7 +59,8 @@ def _params(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _result(req: dict[str, Any], version: Any, **kw: Any) -> dict[str, Any]:
-    out = {"request_id": req["request_id"], "weight_version": version, "status": "ok", "error": None,
+    # The recorded label (a never-synced initial version runs on the model as loaded, group None).
+    out = {"request_id": req["request_id"], "weight_version": req.get("label", version), "status": "ok", "error": None,
            "token_id": [], "logprob": [], "processed_logprob": None, "entropy": None,
            "output_token_ids": None, "num_agree": None}
     out.update(kw)

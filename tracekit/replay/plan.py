@@ -128,7 +128,7 @@ def build_plan(
         snaps: dict[int, list[tuple[str, str]]] = {}
         for v, n, sha in con.execute("SELECT version, name, sha256 FROM weights ORDER BY version, name").fetchall():
             snaps.setdefault(int(v), []).append((n, sha))
-        n_syncs = con.execute("SELECT count(*) FROM weight_syncs").fetchone()[0]
+        synced = {int(v) for (v,) in con.execute("SELECT DISTINCT version FROM weight_syncs").fetchall()}
         done_ids = ledger_ids(con, name)
         engines = {r[0]: r for r in con.execute("SELECT * FROM engines").fetchall()}
         ecols = [d[0] for d in con.description]
@@ -149,24 +149,29 @@ def build_plan(
         todo = todo[: max(0, int(limit))]
 
     notes: list[str] = []
-    # A trace where weights never changed (no snapshots, no syncs) replays on the model as loaded,
-    # even if the recorder labelled its tokens with a version.
-    as_loaded = not snaps and not n_syncs
-    if as_loaded and any(r["version"] is not None for r in todo):
-        notes.append("no weight snapshots and no weight syncs in the trace: replayed with the model as loaded")
     groups: dict[int | None, Group] = {}
     skipped: list[tuple[int, int | None, str]] = []
     missing: Counter[int] = Counter()
+    as_loaded: Counter[int] = Counter()
     n_mixed = 0
     for r in todo:
-        v = None if as_loaded or r["version"] is None else int(r["version"])
+        label = None if r["version"] is None else int(r["version"])
+        v = label
         if v is not None and v not in snaps:
-            missing[v] += 1
-            skipped.append((int(r["request_id"]), v, f"no weight snapshot for version {v}"))
-            continue
+            if v in synced:  # pushed by a weight sync but never snapshotted: cannot be rebuilt
+                missing[v] += 1
+                skipped.append((int(r["request_id"]), v, f"no weight snapshot for version {v}"))
+                continue
+            # Never synced: the weights the engine was started with, i.e. the model as loaded.
+            as_loaded[v] += 1
+            v = None
         n_mixed += bool(r["mixed"])
         g = groups.setdefault(v, Group(v, snaps.get(v, []) if v is not None else [], []))
-        g.requests.append(_request(r))
+        g.requests.append({**_request(r), "label": label})
+    if as_loaded:
+        vs = ", ".join(str(v) for v in sorted(as_loaded))
+        notes.append(f"version(s) {vs} have no snapshot and were never synced (the engine's initial weights): "
+                     "replayed with the model as loaded")
     if missing and not allow_missing_weights:
         vs = ", ".join(f"{v} ({n} requests)" for v, n in sorted(missing.items()))
         raise WeightsError(
