@@ -143,3 +143,22 @@ def test_trace_without_trainer_logprobs_gets_signatures_only(tmp_path: Path) -> 
     res = attribute(root)
     assert res.gap is None and res.ladder == [] and res.replays_run == []
     assert any("no trainer logprobs" in n for n in res.notes)
+
+
+def test_prefix_cache_hits_far_off_the_trainer_flag_runtime_defaults(tmp_path: Path) -> None:
+    """Later samples of a group hit the prefix cache and are computed on stale KV (e.g. no
+    reset_prefix_cache() after a weight update): only they disagree with the trainer."""
+    rng = random.Random(2)
+    reqs, rec, tr = [], {}, {}
+    for rid in range(1, 17):
+        hit = rid % 2 == 0
+        reqs.append({"request_id": rid, "engine_id": "e0", "step": 0, "temperature": 0.7,
+                     "num_cached_tokens": 128 if hit else 0})
+        tr[rid] = [-rng.uniform(0.1, 3.0) for _ in range(10)]
+        n = 0.3 if hit else 0.01
+        rec[rid] = [x + rng.uniform(-n, n) for x in tr[rid]]
+    make_trace(tmp_path / "t", reqs, rec, tr, engines=[ENGINE])
+    res = attribute(tmp_path / "t", replay=False)
+    assert "runtime_defaults" in res.found()
+    rd = next(c for c in res.causes if c.id == "runtime_defaults")
+    assert "prefix-cache" in rd.reason and "reset_prefix_cache" in rd.fix
