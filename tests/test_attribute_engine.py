@@ -31,6 +31,9 @@ SCENARIOS = [
     ("weight_sync",),
     ("lm_head_precision",),
     ("weight_sync", "lm_head_precision"),
+    # Raw logprobs hide the file's top-k (it changes processed logprobs only): the ladder must
+    # read the trainer's kind on the most-fixed replay to see both.
+    ("logprob_mode", "runtime_defaults"),
 ]
 
 # What the fix must name for each planted cause (vLLM's own argument names).
