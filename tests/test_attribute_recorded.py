@@ -162,3 +162,11 @@ def test_prefix_cache_hits_far_off_the_trainer_flag_runtime_defaults(tmp_path: P
     assert "runtime_defaults" in res.found()
     rd = next(c for c in res.causes if c.id == "runtime_defaults")
     assert "prefix-cache" in rd.reason and "reset_prefix_cache" in rd.fix
+
+
+def test_replay_that_cannot_run_degrades_to_signatures(tmp_path: Path) -> None:
+    """The recorded model path does not exist here: the ladder's replay cannot start, the
+    report says why, and the data signatures still decide."""
+    res = attribute(_trace(tmp_path / "t", noise=0.2, engine={"async_scheduling": True}))
+    assert any("could not run" in n and "--model" in n for n in res.notes), res.notes
+    assert res.replays_run == [] and "runtime_defaults" in res.found()

@@ -345,7 +345,12 @@ class Context:
             return self._replay_for[cfg]
         name = self._find_replay(cfg)
         if name is None and self.run_replays:
-            name = self._run_replay(cfg)
+            try:
+                name = self._run_replay(cfg)
+            except TracekitError as e:  # verdicts fall back to the data signatures
+                self.notes.append(f"replay {cfg.name} could not run: {e}")
+                self.run_replays = False  # the next ones would fail the same way
+                name = None
         if name:
             self.replays_used.add(name)
         self._replay_for[cfg] = name
