@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -109,6 +110,23 @@ def run_once(root: Path, pool: list[dict[str, np.ndarray]], total: int, threads:
             done += r["pos"].size
         written[k] = done
 
+    wcpu = [0.0]
+    stop = threading.Event()
+
+    def monitor() -> None:  # CPU seconds of the writer thread alone, read from /proc
+        tid = w._thread.native_id
+        while True:
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                wcpu[0] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                return
+            if stop.wait(0.1):
+                return
+
+    mon = threading.Thread(target=monitor, daemon=True)
+    mon.start()
     c0 = time.process_time()
     t0 = time.perf_counter()
     ths = [threading.Thread(target=producer, args=(k,)) for k in range(threads)]
@@ -117,6 +135,9 @@ def run_once(root: Path, pool: list[dict[str, np.ndarray]], total: int, threads:
     for t in ths:
         t.join()
     t_produced = time.perf_counter() - t0
+    w.flush(timeout=600)
+    stop.set()
+    mon.join()
     stats = w.close(timeout=600)
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
@@ -125,6 +146,7 @@ def run_once(root: Path, pool: list[dict[str, np.ndarray]], total: int, threads:
     out = dict(
         tokens=ntok, threads=threads, with_requests=with_requests, seconds=elapsed,
         tokens_per_s=ntok / elapsed, cpu_seconds=cpu, tokens_per_cpu_s=ntok / cpu,
+        writer_cpu_seconds=wcpu[0], tokens_per_writer_cpu_s=ntok / wcpu[0] if wcpu[0] else float("nan"),
         produce_seconds=t_produced,
         rows_written=stats.rows_written.get("tokens", 0), parts=stats.parts_written,
         refused_then_retried=sum(retries), errors=stats.errors[:3],
@@ -149,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"# bench/ingest.py — {machine_note()}")
     pool = make_pool()
     root = Path(a.out)
+    run_once(root, pool, min(n, 200_000), a.threads, with_requests=True)  # warm-up: imports, first part
     runs = [
         run_once(root, pool, n, a.threads, with_requests=False),
         run_once(root, pool, n, a.threads, with_requests=True),
@@ -156,17 +179,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     rows = [[("tokens only" if not r["with_requests"] else "tokens + requests rows"), human_tokens(r["tokens"]),
              r["threads"], r["seconds"], r["tokens_per_s"] / 1e6, r["cpu_seconds"], r["tokens_per_cpu_s"] / 1e6,
+             r["writer_cpu_seconds"], r["tokens_per_writer_cpu_s"] / 1e6,
              r["write_us_p50"], r["write_us_p99"], r["refused_then_retried"], r["queue_high_water"],
              r["peak_rss_mb"]] for r in runs]
     print(fmt_table(["run", "tokens", "producers", "wall s (until durable)", "M tokens/s (wall)", "CPU s",
-                     "M tokens/CPU-s", "write_columns p50 us", "p99 us", "refused+retried", "queue high water",
+                     "M tokens/CPU-s", "writer thread CPU s", "M tokens/writer-CPU-s", "write_columns p50 us", "p99 us", "refused+retried", "queue high water",
                      "peak RSS MiB"], rows))
     best = runs[1]["tokens_per_s"]
     growth = runs[2]["peak_rss_mb"] / runs[1]["peak_rss_mb"]
     per_cpu = runs[1]["tokens_per_cpu_s"]
-    print(f"\nTarget >= 2 M tokens/s on 2 cores (with requests rows): {best / 1e6:.2f} M/s wall-clock, "
-          f"{per_cpu / 1e6:.2f} M per CPU-second of the whole process (producers + writer) -> "
-          f"{'MET' if best >= 2e6 else 'MISSED'} wall-clock{'' if per_cpu < 2e6 else ', MET per CPU-second'}")
+    per_wcpu = runs[1]["tokens_per_writer_cpu_s"]
+    # On an idle 2-core box the writer thread (one core) is the ceiling as long as the producers'
+    # share fits on the other core; the whole-process rate per CPU-second is the floor.
+    print(f"\nTarget >= 2 M tokens/s on 2 cores (with requests rows): {best / 1e6:.2f} M/s wall-clock under "
+          f"this load; {per_cpu / 1e6:.2f} M per CPU-second of the whole process (producers + writer), "
+          f"{per_wcpu / 1e6:.2f} M per CPU-second of the writer thread (its ceiling on an idle core) -> "
+          f"{'MET' if best >= 2e6 else 'MISSED'} wall-clock, {'MET' if per_cpu >= 2e6 else 'MISSED'} per CPU-second")
     cap = TraceWriter.__init__.__kwdefaults__["max_queue_rows"]
     print(f"Peak RSS at 4x the tokens / 1x = {growth:.2f}; queue high water {runs[2]['queue_high_water']:,} rows "
           f"of a {cap:,}-row cap: memory is bounded by the writer's queue (max_queue_rows), which producers "

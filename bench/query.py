@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--chunk", type=parse_tokens, default=CHUNK, help="tokens per part (default 1Mi)")
     ap.add_argument("--out", default=str(BENCH_OUT / "query"))
     ap.add_argument("--keep", action="store_true", help="keep the generated trace")
+    ap.add_argument("--reuse", action="store_true", help="reuse a trace kept by an earlier --keep run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per query at sizes <= 30M (best is kept)")
     ap.add_argument("--json", help="write the summary as JSON to this file")
     a = ap.parse_args(argv)
     total = parse_tokens(a.tokens)
@@ -331,8 +333,15 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
     from tracekit.store.reader import Trace
 
     full = out / "trace"
-    print(f"generating {human_tokens(total)} tokens -> {full}")
-    gen = generate(full, total, chunk=a.chunk)
+    if a.reuse and (full / "trace.json").exists():
+        import pyarrow.parquet as pq
+
+        parts = sorted((full / "tokens").glob("*.parquet"))
+        gen = {"chunks": [pq.read_metadata(p).num_rows for p in parts], "seconds": 0.0}
+        print(f"reusing {full} ({len(parts)} parts)")
+    else:
+        print(f"generating {human_tokens(total)} tokens -> {full}")
+        gen = generate(full, total, chunk=a.chunk)
     cum = np.cumsum(gen["chunks"])
     disk = {d: sum(p.stat().st_size for p in (full / d).rglob("*.parquet"))
             for d in ("tokens", "requests", "replays/bench", "replays/aligned")}
@@ -347,7 +356,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
         k = min(k, len(cum))
         ntok = int(cum[k - 1])
         root = full if k == len(cum) else sub_trace(full, k, out / f"sub-{k}")
-        repeat = 2 if ntok <= 30_000_000 else 1
+        repeat = a.repeat if ntok <= 30_000_000 else 1
         got: dict[str, list[tuple]] = {}
         for strat in strategies:
             if strat in ("lists", "hugeint") and ntok > 30_000_000:
