@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -58,18 +59,36 @@ def put_tensors(
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     now = _dt.datetime.now(_dt.timezone.utc)
     rows = []
+    created: list[Path] = []
+    try:
+        return _put(root, items, version, step, run_id, now, rows, created)
+    except BaseException:
+        # A snapshot that fails half-way (full disk) has no rows: drop the blobs it created so
+        # they do not keep eating the space the trace's parts need.
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _put(root: Path, items: Iterable[tuple[str, Any]], version: int, step: int | None, run_id: str | None,
+         now: _dt.datetime, rows: list[dict[str, Any]], created: list[Path]) -> list[dict[str, Any]]:
     for name, t in items:
         data, dtype, shape = _serialize(t)
         sha = hashlib.sha256(data).hexdigest()
         path = blob_path(root, sha)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # threads too
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                created.append(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not keep a half blob eating space
+                raise
             fsync_dir(path.parent)
         rows.append(
             dict(version=version, step=step, name=name, sha256=sha, dtype=dtype, shape=shape,

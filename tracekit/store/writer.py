@@ -48,6 +48,8 @@ class WriterStats:
     bytes_written: int = 0
     queue_high_water: int = 0
     errors: list[str] = field(default_factory=list)
+    # Queued but not confirmed on disk when close() gave up waiting (slow or hung disk).
+    rows_pending: dict[str, int] = field(default_factory=dict)
 
     @property
     def dropped(self) -> int:
@@ -61,6 +63,7 @@ class WriterStats:
             "bytes_written": self.bytes_written,
             "queue_high_water": self.queue_high_water,
             "errors": list(self.errors[-20:]),
+            "rows_pending": dict(self.rows_pending),
         }
 
 
@@ -108,6 +111,7 @@ class TraceWriter:
         self._closed = False
         self._seq = 0
         self._queued_since = time.monotonic()
+        self._submitted: dict[str, int] = {}
         self.ok = True
         try:
             ensure_manifest(self.root, meta)
@@ -143,6 +147,7 @@ class TraceWriter:
             if n == 0:
                 return True
             with self._lock:
+                self._submitted[table] = self._submitted.get(table, 0) + n  # written+dropped+pending
                 if self._closed or not self.ok or self._queued_rows + n > self.max_queue_rows:
                     self._count_drop(table, n)
                     return False
@@ -192,6 +197,7 @@ class TraceWriter:
             self._closing = True
         if not already:
             self.flush(timeout)
+            self._count_pending()
             self.write(
                 "runs",
                 {
@@ -211,14 +217,21 @@ class TraceWriter:
             self._wake.set()
             self._thread.join(timeout)
             _live_writers.discard(self)
+            self._count_pending()
         return self.stats()
+
+    def _count_pending(self) -> None:
+        with self._lock:
+            s = self._stats
+            pending = {t: n - s.rows_written.get(t, 0) - s.rows_dropped.get(t, 0) for t, n in self._submitted.items()}
+            s.rows_pending = {t: n for t, n in pending.items() if n > 0}
 
     def stats(self) -> WriterStats:
         with self._lock:
             s = self._stats
             return WriterStats(
                 dict(s.rows_written), dict(s.rows_dropped), s.parts_written, s.bytes_written,
-                s.queue_high_water, list(s.errors),
+                s.queue_high_water, list(s.errors), dict(s.rows_pending),
             )
 
     def __enter__(self) -> "TraceWriter":
