@@ -15,6 +15,16 @@ CURVES = (
 )
 
 
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "^", "v", "D", "x", "+")
+
+
+def _int_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -52,8 +62,13 @@ def curves_png(d: ReportData) -> bytes:
             if key in ("clip_rate", "kl_new_old") and src == d.reference:
                 continue  # the reference against itself is 0 by definition; the job log shows its own
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                        label="requests" if key == "reward" else _label(src, d.reference))
+                i = d.sources.index(src)
+                # Sources often coincide exactly (a same-config replay is bitwise the recording):
+                # distinct dashes and markers, drawn first-listed on top, keep each one visible.
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_STYLES[i % len(_STYLES)],
+                        marker=_MARKERS[i % len(_MARKERS)], ms=4, zorder=10 - i, alpha=0.9,
+                        label="requests" if key == "reward" else
+                        (_label(src, d.reference) if key in ("clip_rate", "kl_new_old") else src))
                 plotted = True
         has_ref = any(v.get(key) is not None for v in d.curves.get(d.reference or "", {}).values())
         jp = sorted((s, r.get(key)) for s, r in job.items() if r.get(key) is not None)
@@ -73,6 +88,7 @@ def curves_png(d: ReportData) -> bytes:
             ax.text(0.5, 0.5, "no data in this trace", ha="center", va="center", transform=ax.transAxes)
     for ax in axes[1]:
         ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(_int_locator())
     fig.suptitle(f"Per-step RL curves by logprob source (ε = {d.eps})")
     fig.tight_layout()
     return _png(fig)
@@ -91,9 +107,11 @@ def delta_hist_png(d: ReportData) -> bytes:
         if hi - lo < 1e-6:
             lo, hi = lo - 1e-3, hi + 1e-3
         bins = np.linspace(lo, hi, 80)
-        for s, v in vals.items():
+        for i, (s, v) in enumerate(vals.items()):
             mad = float(np.abs(v).mean())
-            ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=f"{_label(s, d.reference)}  mean|Δ|={mad:.3g}")
+            # Identical sources (a bitwise replay) would hide each other: thick first, dashed later.
+            ax.hist(v, bins=bins, histtype="step", linewidth=max(1.2, 3.0 - 0.7 * i),
+                    linestyle=_STYLES[i % len(_STYLES)], label=f"{_label(s, d.reference)}  mean|Δ|={mad:.3g}")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
@@ -114,12 +132,15 @@ def delta_by_step_png(d: ReportData) -> bytes:
         pts = sorted((s, v.get("mean_abs_delta")) for s, v in d.curves.get(src, {}).items()
                      if v.get("mean_abs_delta") is not None)
         if pts and src != d.reference:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=_label(src, d.reference))
+            i = d.sources.index(src)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_STYLES[i % len(_STYLES)],
+                    marker=_MARKERS[i % len(_MARKERS)], ms=4, zorder=10 - i, label=_label(src, d.reference))
             any_ = True
     if any_:
         ax.legend(fontsize=8)
         ax.set_yscale("log")
     ax.set_xlabel("RL step")
+    ax.xaxis.set_major_locator(_int_locator())
     ax.set_ylabel("mean |Δ| (nats, log scale)")
     ax.set_title("Logprob gap per step")
     fig.tight_layout()
@@ -133,14 +154,16 @@ def waterfall_png(steps: list[tuple[str, float]], total: float, residual: float,
     labels = ["observed gap"] + [c for c, _ in steps] + ["residual"]
     level = total
     ax.bar(0, total, color="#555555")
-    ax.text(0, total, f"{total:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.text(0, total, f"{total:.3g}", ha="center", va="bottom", fontsize=9)
     for i, (_, v) in enumerate(steps, start=1):
         bottom = level - v
         ax.bar(i, v, bottom=bottom, color="#d62728" if v > 0 else "#2ca02c")
-        ax.text(i, level, f"−{v:.3g}", ha="center", va="bottom", fontsize=8)
+        txt = "0" if abs(v) < 5e-5 else (f"−{v:.3g}" if v > 0 else f"+{-v:.3g}")
+        ax.text(i, max(level, bottom), txt, ha="center", va="bottom", fontsize=9)
         level = bottom
     ax.bar(len(labels) - 1, residual, color="#1f77b4")
-    ax.text(len(labels) - 1, residual, f"{residual:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.text(len(labels) - 1, residual, f"{residual:.3g}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, max(total, level, residual) * 1.15 or 1.0)  # headroom for the value labels
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=15, ha="right")
     ax.set_ylabel(unit)
