@@ -55,7 +55,8 @@ def summarise(name: str, d: dict[str, Any]) -> list[list[Any]]:
     if name == "ingest":
         r = d["runs"][1]
         return [["ingest: tokens + requests through TraceWriter", ">= 2 M tokens/s",
-                 f"{r['tokens_per_s'] / 1e6:.2f} M/s wall, {r['tokens_per_cpu_s'] / 1e6:.2f} M per CPU-s"],
+                 f"{r['tokens_per_s'] / 1e6:.2f} M/s wall, {r['tokens_per_cpu_s'] / 1e6:.2f} M per process CPU-s, "
+                 f"{r['tokens_per_writer_cpu_s'] / 1e6:.2f} M per writer-thread CPU-s"],
                 ["ingest: writer peak RSS", "flat with trace size",
                  f"{d['runs'][-2]['peak_rss_mb']:.0f} -> {d['runs'][-1]['peak_rss_mb']:.0f} MiB at 4x the tokens"]]
     if name == "size":
