@@ -41,7 +41,9 @@ def main() -> None:
     rec.wrap(llm)
     recorded = llm.generate
     for fn in (plain, recorded, plain, recorded):  # warm-up (first logprobs call is slow)
+        t0 = time.perf_counter()
         fn(prompts, sp, use_tqdm=False)
+        print(f"warm-up {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
     t_plain, t_rec = [], []
     for r in range(a.rounds):
         order = [(plain, t_plain), (recorded, t_rec)]
@@ -51,6 +53,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fn(prompts, sp, use_tqdm=False)
             acc.append(time.perf_counter() - t0)
+        print(f"round {r}: plain {t_plain[-1]:.3f} s, recorded {t_rec[-1]:.3f} s", file=sys.stderr, flush=True)
     st = rec.close()
     toks = a.prompts * a.tokens
     ratio = sum(t_rec) / sum(t_plain)

@@ -9,13 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from test_record_cli import PROMPTS, SEEDS, _api_trace, _rows, assert_same_content
 
 from tracekit.store.reader import Trace
-
-from test_record_cli import PROMPTS, SEEDS, _api_trace, _rows, assert_same_content
 
 pytestmark = pytest.mark.engine
 
@@ -49,7 +47,7 @@ def _reap(proc: subprocess.Popen) -> None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(20)
-        except Exception:
+        except (OSError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
@@ -61,7 +59,7 @@ def server(tiny_model, tmp_path_factory):
     port = _port()
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    log = open(tmpl.parent / "server.log", "w")
+    log = open(tmpl.parent / "server.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--host", "127.0.0.1",
          "--port", str(port), "--gpu-memory-utilization", "0.3", "--enforce-eager", "--dtype", "bfloat16",

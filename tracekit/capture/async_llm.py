@@ -5,18 +5,20 @@ output kinds), hides the logprobs it added, and writes the sample when the strea
 including streams the caller abandons (finish_reason 'abort'). Per-token weight versions come
 from the engine's ``weight_versions`` spans on the terminal output (vLLM >= 0.32).
 """
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 from .llm import PreparedParams, _group_key, extract_logprobs, prepare_params, token_versions
 from .recorder import Recorder, _flatten_checksums, _now, parse_version
 
 
 class _Sample:
-    __slots__ = ("rid", "comp", "ids", "lps", "finish", "stop", "spans", "t_first")
+    __slots__ = ("comp", "finish", "ids", "lps", "rid", "spans", "stop", "t_first")
 
     def __init__(self, rid: int) -> None:
         self.rid = rid
@@ -59,7 +61,7 @@ class _AsyncHooks:
         try:
             prep = prepare_params(sampling_params, defaults_applied=False)
             send = prep.send
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rec._count_error(f"async prepare: {type(e).__name__}: {e}")
             prep, send = None, sampling_params
         t0 = _now()
@@ -75,7 +77,7 @@ class _AsyncHooks:
                     try:
                         last = out
                         self._observe(out, samples, delta, prep)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         rec._count_error(f"async observe: {type(e).__name__}: {e}")
                     if prep.added:
                         for comp in out.outputs:
@@ -90,7 +92,7 @@ class _AsyncHooks:
                     try:
                         label1 = await self._label()
                         self._emit(last, samples, prep, t0, label0, label1, step, group, request_id)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         rec._count_error(f"async emit: {type(e).__name__}: {e}")
 
     def _observe(self, out: Any, samples: dict[int, _Sample], delta: bool, prep: PreparedParams) -> None:
@@ -146,7 +148,7 @@ class _AsyncHooks:
 class _View:
     """What extract_logprobs/token_versions read from a CompletionOutput."""
 
-    __slots__ = ("token_ids", "logprobs", "weight_versions")
+    __slots__ = ("logprobs", "token_ids", "weight_versions")
 
     def __init__(self, ids: list[int], lps: Any, spans: Any) -> None:
         self.token_ids, self.logprobs, self.weight_versions = ids, lps, spans
@@ -190,7 +192,7 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
         try:
             await engine.pause_generation(mode="keep", clear_cache=False)
             paused = True
-        except Exception as e:  # noqa: BLE001 - older engines: label right after the reload instead
+        except Exception as e:
             notes.append(f"pause_generation failed ({type(e).__name__}): label may be off by a step")
     try:
         try:
@@ -201,13 +203,13 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
             raise
         try:
             await engine.update_weight_version(str(int(version)))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             notes.append(f"no engine label: {type(e).__name__}")
         try:
             ok = await engine.reset_prefix_cache(reset_running_requests=reset_running_requests)
             if ok is False:
                 notes.append("reset_prefix_cache returned False (running requests keep KV from the old weights)")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             notes.append(f"reset_prefix_cache failed: {e}")
     finally:
         if paused:
@@ -223,6 +225,6 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
         snap = rec._maybe_snapshot(int(version), source, step, snapshot)
         rec.write_weight_sync(engine_id=engine_id, version=version, step=step, t_start=t0, method="reload_weights",
                               checksums=_flatten_checksums(cs), ok=True, error="; ".join(notes) or None, snapshot=snap)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         rec._count_error(f"update_weights_async record: {e}")
     return True

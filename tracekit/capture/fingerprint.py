@@ -4,6 +4,7 @@ Shared by the recorder (every surface) and the replay worker. Values come from t
 engine's ``vllm_config`` (not from the arguments), because vLLM changes several silently (e.g.
 ``async_scheduling`` is forced off on CPU, ``block_size`` defaults per platform).
 """
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import os
 import platform as _platform
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # Environment variables that can change numerics or scheduling (prefix match).
 NUMERICS_ENV_PREFIXES = (

@@ -7,6 +7,7 @@ itself: when the job imports ``vllm.entrypoints.llm`` / ``vllm.v1.engine.async_l
 process-wide Recorder (created lazily, so vLLM's worker processes never open the trace).
 ``os._exit`` is patched to flush the recorder first (vLLM scripts often exit that way).
 """
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import TracekitError
 
@@ -69,7 +71,7 @@ def _wrap_after_init(cls: Any, surface: str) -> None:
                     engine_args.setdefault("model", args[0])
                 engine_args = {k: v for k, v in engine_args.items() if isinstance(v, (str, int, float, bool, dict, list, type(None)))}
                 rec.wrap(self, engine_args=engine_args or None)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"tracekit: not recording this engine ({type(e).__name__}: {e})", file=sys.stderr)
 
     __init__._tracekit_patched = True  # type: ignore[attr-defined]
@@ -106,7 +108,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             orig_exec(module)
             try:
                 patch(module)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"tracekit: cannot hook {name} ({type(e).__name__}: {e})", file=sys.stderr)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]

@@ -5,13 +5,15 @@ every other attribute. When the caller did not ask for logprobs, the hook asks v
 sampled token's logprob (``logprobs=0``, flat container where the engine has one) on a clone of
 the params and strips it (and ``cumulative_logprob``) from what the caller gets back.
 """
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
 import hashlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .recorder import Recorder, _now, params_dict, parse_version, requested_dict
 
@@ -19,7 +21,7 @@ from .recorder import Recorder, _now, params_dict, parse_version, requested_dict
 class PreparedParams:
     """The caller's sampling params, the engine-side clones we send, and what we record."""
 
-    __slots__ = ("send", "added", "requested", "resolved", "num_logprobs")
+    __slots__ = ("added", "num_logprobs", "requested", "resolved", "send")
 
     def __init__(self, send: Any, added: bool, requested: dict, resolved: dict, num_logprobs: int | None):
         self.send = send
@@ -155,7 +157,7 @@ class _LLMHooks:
                 return [p.send for p in preps], preps
             p = prepare_params(sampling_params, defaults_applied=False)
             return p.send, p
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"prepare params: {type(e).__name__}: {e}")
             return sampling_params, None
 
@@ -167,7 +169,7 @@ class _LLMHooks:
         if prep is not None:
             try:
                 self._record(outs, prep, t0, label_before, kind)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.recorder._count_error(f"record {kind}: {type(e).__name__}: {e}")
             finally:
                 _strip(outs, prep)
@@ -206,7 +208,7 @@ class _LLMHooks:
                 ok=ok, error=(error or "") + ("; version label unknown (-1): use rec.update_weights" if version is None else "") or None,
                 snapshot=False,
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"observe reload: {type(e).__name__}: {e}")
 
     # -------------------------------------------------------------- recording
@@ -310,18 +312,18 @@ def update_llm_weights(rec: Recorder, llm: Any, version: int, source: Any, *, st
     notes = []
     try:
         llm.llm_engine.set_weight_version(str(int(version)))
-    except Exception as e:  # noqa: BLE001 - engines without labels: recorder-side version only
+    except Exception as e:
         notes.append(f"no engine label: {type(e).__name__}")
     try:
         if llm.reset_prefix_cache() is False:
             notes.append("reset_prefix_cache returned False")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         notes.append(f"reset_prefix_cache failed: {e}")
     rec.engine_versions[engine_id or ""] = int(version)
     try:
         snap = rec._maybe_snapshot(int(version), source, step, snapshot)
         rec.write_weight_sync(engine_id=engine_id, version=version, step=step, t_start=t0, method="reload_weights",
                               checksums=checksums_llm(llm, rpc), ok=True, error="; ".join(notes) or None, snapshot=snap)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         rec._count_error(f"update_weights record: {e}")
     return True

@@ -7,6 +7,7 @@ response it would have had. Every other path is passed through byte for byte; we
 calls of vLLM's RL API (``/update_weight_version``, ``/finish_weight_update``) are observed to
 tag later requests.
 """
+# ruff: noqa: BLE001  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import TracekitError
 from .recorder import Recorder, _now, parse_version
@@ -71,7 +73,7 @@ class _Plan:
 
 
 class _Choice:
-    __slots__ = ("ids", "lps", "finish", "stop", "t_first")
+    __slots__ = ("finish", "ids", "lps", "stop", "t_first")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -160,7 +162,7 @@ class RecordingProxy:
                         engine_id=self.engine_id, version=self.version if self.version is not None else -1,
                         step=None, t_start=_now(), method=f"http:{path.rsplit('/', 1)[-1]}", checksums=None,
                         ok=True, error=None, snapshot=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"proxy version: {e}")
 
     async def _handle(self, request: Any, kind: str) -> Any:
@@ -218,7 +220,7 @@ class RecordingProxy:
                     state["prompt"] = ch.get("prompt_token_ids")
                 self._take(plan, ch, c)
             self._emit(plan, state, t0, v0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"proxy record: {type(e).__name__}: {e}")
         if not plan.changed:
             return payload
@@ -256,7 +258,7 @@ class RecordingProxy:
                 if plan.kind == "completion" and ch.get("prompt_token_ids") is not None:
                     state["prompt"] = ch["prompt_token_ids"]
                 self._take(plan, ch, state["choices"].setdefault(ch.get("index", 0), _Choice()))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"proxy stream: {type(e).__name__}: {e}")
         if not plan.changed:
             return event
@@ -310,15 +312,14 @@ class RecordingProxy:
                     sample_idx=idx if multi else None, step=step,
                     extra={"endpoint": plan.kind, "stream": plan.stream},
                 )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.recorder._count_error(f"proxy emit: {type(e).__name__}: {e}")
 
 
 def _strip(plan: _Plan, obj: dict) -> None:
     """Put back what the server returns when the fields the proxy added were not requested."""
-    if plan.add_token_ids:
-        if "prompt_token_ids" in obj:
-            obj["prompt_token_ids"] = None
+    if plan.add_token_ids and "prompt_token_ids" in obj:
+        obj["prompt_token_ids"] = None
     for ch in obj.get("choices") or []:
         if plan.add_token_ids:
             if "token_ids" in ch:

@@ -5,6 +5,7 @@ async_llm.py, proxy.py) hand it finished samples.
 Safety contract: nothing here raises into the job. Every hook catches its own failures, counts
 them (``Recorder.errors``) and the writer turns disk problems into counted drops.
 """
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from ..store.writer import TraceWriter, WriterStats
 
@@ -52,7 +54,7 @@ def safe(default: Any = None) -> Callable[[_F], _F]:
         def inner(self: Any, *a: Any, **kw: Any) -> Any:
             try:
                 return fn(self, *a, **kw)
-            except Exception as e:  # noqa: BLE001 - the job must never see a recorder failure
+            except Exception as e:
                 rec = getattr(self, "recorder", self)
                 rec._count_error(f"{fn.__name__}: {type(e).__name__}: {e}")
                 return default
@@ -190,7 +192,7 @@ class Recorder:
 
                 return wrap_async_llm(self, engine, engine_args)
             self._count_error(f"wrap: unsupported engine type {type(engine).__name__}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._count_error(f"wrap: {type(e).__name__}: {e}")
         return engine
 
@@ -271,7 +273,7 @@ class Recorder:
                     cols["top_token_ids"] = list(top_token_ids)
                     cols["top_logprobs"] = list(top_logprobs or [])
                 self.writer.write_columns("tokens", cols, request_id=request_id)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._count_error(f"emit_sample: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ trainer side
@@ -409,7 +411,7 @@ class Recorder:
         self.closed = True
         try:
             st = self.writer.close(timeout)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._count_error(f"close: {e}")
             st = self.writer.stats()
         for d in self._tmpdirs:
@@ -419,7 +421,7 @@ class Recorder:
                         st.rows_dropped, self.errors, self.root)
         return st
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -449,7 +451,7 @@ def _iter_tensors(source: Any) -> Iterable[tuple[str, Any]]:
         out = []
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
+                for k in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                     out.append((k, fh.get_tensor(k)))
         return out
     if isinstance(source, Iterable):
