@@ -44,15 +44,16 @@ def main() -> None:
         t0 = time.perf_counter()
         fn(prompts, sp, use_tqdm=False)
         print(f"warm-up {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-    t_plain, t_rec = [], []
+    t_plain, t_rec, c_plain, c_rec = [], [], [], []
     for r in range(a.rounds):
-        order = [(plain, t_plain), (recorded, t_rec)]
+        order = [(plain, t_plain, c_plain), (recorded, t_rec, c_rec)]
         if r % 2:
             order.reverse()
-        for fn, acc in order:
-            t0 = time.perf_counter()
+        for fn, acc, cacc in order:
+            c0, t0 = time.process_time(), time.perf_counter()
             fn(prompts, sp, use_tqdm=False)
             acc.append(time.perf_counter() - t0)
+            cacc.append(time.process_time() - c0)  # all threads of this process, writer included
         print(f"round {r}: plain {t_plain[-1]:.3f} s, recorded {t_rec[-1]:.3f} s", file=sys.stderr, flush=True)
     st = rec.close()
     toks = a.prompts * a.tokens
@@ -62,6 +63,9 @@ def main() -> None:
     print(f"plain    : total {sum(t_plain):.2f} s  median {statistics.median(t_plain):.3f} s/round  ({toks / statistics.median(t_plain):,.0f} tok/s)")
     print(f"recorded : total {sum(t_rec):.2f} s  median {statistics.median(t_rec):.3f} s/round")
     print(f"overhead : {100 * (ratio - 1):+.2f} % wall time (total ratio {ratio:.4f}, median ratio {med:.4f})")
+    cratio = sum(c_rec) / sum(c_plain)
+    print(f"cpu time : plain {sum(c_plain):.2f} s, recorded {sum(c_rec):.2f} s -> {100 * (cratio - 1):+.2f} % "
+          "(process CPU time, less sensitive to other load on the box)")
     print(f"trace    : {st.rows_written.get('tokens', 0):,} tokens written, {st.dropped} rows dropped")
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()

@@ -41,8 +41,14 @@ class _AsyncHooks:
             self.model_dir = str(engine.vllm_config.model_config.model)
         except Exception:
             self.model_dir = None
+        from .fingerprint import capabilities
+
+        # Engines with per-token spans need no label round trips per request.
+        self.need_labels = not capabilities().get("weight_version_spans", False)
 
     async def _label(self) -> str | None:
+        if not self.need_labels:
+            return None
         try:
             return await self.engine.get_weight_version()
         except Exception:

@@ -68,6 +68,8 @@ def extract_logprobs(comp: Any, k: int | None) -> tuple[list, list | None, list 
     top_lps: list | None = [] if k else None
     if hasattr(lps, "start_indices"):  # FlatLogprobs: sampled token first at each position
         st, en, tid, lp = lps.start_indices, lps.end_indices, lps.token_ids, lps.logprobs
+        if not k and len(lp) == len(st):  # logprobs=0: exactly one entry per position (hot path)
+            return lp[:n] + [None] * (len(ids) - n), None, None
         for i in range(n):
             s = st[i]
             sampled.append(lp[s] if en[i] > s else None)
@@ -139,6 +141,10 @@ class _LLMHooks:
         except Exception:
             self.model_dir = None
         self.calls = 0
+        from .fingerprint import capabilities
+
+        # Engines with per-token spans (vLLM >= 0.32) need no label reads around each call.
+        self.need_labels = not capabilities().get("weight_version_spans", False)
 
     # -------------------------------------------------------------- param preparation
     def _prepare(self, sampling_params: Any, n_prompts: int | None) -> tuple[Any, list[PreparedParams] | PreparedParams | None]:
@@ -163,7 +169,7 @@ class _LLMHooks:
 
     def _run(self, orig: Any, first: Any, sampling_params: Any, args: tuple, kw: dict, kind: str) -> Any:
         send, prep = self._prepare(sampling_params, None)
-        label_before = _engine_label(self.llm)
+        label_before = _engine_label(self.llm) if self.need_labels else None
         t0 = _now()
         outs = orig(first, send, *args, **kw)
         if prep is not None:
@@ -216,7 +222,8 @@ class _LLMHooks:
         rec = self.recorder
         t1 = _now()
         default = rec.initial_weight_version
-        fb = (parse_version(label_before, default), parse_version(_engine_label(self.llm), default))
+        fb = (parse_version(label_before, default), parse_version(_engine_label(self.llm), default)) \
+            if self.need_labels else (None, None)
         step = rec.current_step
         self.calls += 1
         call_tag = f"{rec.run_id[:8]}-{self.calls}"
