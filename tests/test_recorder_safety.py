@@ -61,3 +61,27 @@ def test_hooks_never_raise(tmp_path):
     assert rec.errors >= 3
     st = rec.close()
     assert st.dropped == 0 and any("recorder" in e for e in st.errors)
+
+
+def test_snapshot_every_n_versions_and_off(tmp_path):
+    import torch
+
+    from tracekit.store.weights import load_snapshot
+
+    frozen = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    rec = tracekit.Recorder(tmp_path / "t", snapshot_every=2)
+    taken = [rec.log_weights(v, {"frozen": frozen, "w": torch.full((4,), float(v))}) for v in range(5)]
+    off = tracekit.Recorder(tmp_path / "off", snapshot_every=0)
+    assert off.log_weights(0, {"w": frozen}) is False
+    off.close()
+    rec.close()
+    assert taken == [True, False, True, False, True]
+    trace = Trace(tmp_path / "t")
+    con = trace.connect(read_only=False)
+    versions = [r[0] for r in con.execute("SELECT DISTINCT version FROM weights ORDER BY 1").fetchall()]
+    n_frozen = con.execute("SELECT count(DISTINCT sha256) FROM weights WHERE name = 'frozen'").fetchone()[0]
+    con.close()
+    assert versions == [0, 2, 4] and n_frozen == 1  # unchanged tensor stored once
+    snap = load_snapshot(trace, 2)
+    assert torch.equal(snap["frozen"], frozen) and torch.equal(snap["w"], torch.full((4,), 2.0))
+    assert not (tmp_path / "off" / "weights").exists() or not any((tmp_path / "off" / "weights").rglob("*.parquet"))
