@@ -201,13 +201,16 @@ def _request(r: dict[str, Any]) -> dict[str, Any]:
         s = json.loads(s) if isinstance(s, str) else s
     except json.JSONDecodeError:
         s = None
+    s = s if isinstance(s, dict) else None
+    # Scalar columns mirror the resolved params; fall back to the JSON when an importer left them null.
+    scal = {k: r[k] if r[k] is not None else (s or {}).get(k)
+            for k in ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens")}
     return {
         "request_id": int(r["request_id"]),
         "prompt": [int(x) for x in (r["prompt_token_ids"] or [])],
         "output": [int(x) for x in (r["output"] or [])],
-        "sampling": s if isinstance(s, dict) else None,
-        "temperature": r["temperature"], "top_p": r["top_p"], "top_k": r["top_k"], "min_p": r["min_p"],
-        "seed": r["seed"], "max_tokens": r["max_tokens"],
+        "sampling": s,
+        **scal,
     }
 
 
