@@ -1,0 +1,38 @@
+"""`tracekit demo` end to end at reduced size: real engines on both venvs, verdict = planted cause."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.venv_old]
+
+
+def test_demo_names_the_planted_cause_and_writes_the_report(tmp_path: Path, old_python: str) -> None:
+    out = tmp_path / "demo"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    res = subprocess.run(
+        [sys.executable, "-m", "tracekit.cli", "demo", "--out", str(out), "--new-python", old_python,
+         "--fault", "logprob_mode", "--steps", "2"],
+        capture_output=True, text=True, timeout=1800, env=env,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "found logprob_mode; planted logprob_mode" in res.stdout
+    attribution = json.loads((out / "attribution.json").read_text())
+    verdicts = {c["id"]: c["verdict"] for c in attribution["causes"]}
+    assert verdicts["logprob_mode"] == "present"
+    assert [k for k, v in verdicts.items() if v == "present"] == ["logprob_mode"]
+    html = (out / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    for png in ("curves.png", "delta_hist.png", "waterfall.png"):
+        assert (out / "report" / png).stat().st_size > 10_000
+    # The replay on the other engine version recorded its own fingerprint.
+    from tracekit.store.reader import Trace
+
+    versions = {v for (v,) in Trace(out / "trace").query("SELECT DISTINCT vllm_version FROM replay_engines")}
+    assert versions and all(v for v in versions)
