@@ -75,6 +75,9 @@ def engine_args(faults: Faults, base: dict[str, Any] | None = None) -> dict[str,
     args["generation_config"] = "auto" if faults.runtime_defaults else "vllm"
     if not faults.lm_head_precision:
         args["hf_overrides"] = {**args.get("hf_overrides", {}), "head_dtype": "float32"}
+    elif str(args.get("dtype", "auto")) in ("float32", "float", "torch.float32"):
+        # An fp32 engine has an fp32 head already: plant the bf16 head explicitly.
+        args["hf_overrides"] = {**args.get("hf_overrides", {}), "head_dtype": "bfloat16"}
     return args
 
 
