@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -184,7 +185,7 @@ def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (readable in a terminal, pasteable into docs)."""
     cells = [[_fmt(v) for v in r] for r in rows]
     w = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(vals)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(vals)) + " |"
     out = [line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
@@ -215,7 +216,7 @@ def parse_tokens(s: str) -> int:
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 

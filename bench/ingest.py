@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     BENCH_OUT,
     TokenSampler,
     engine_like_logprobs,
@@ -40,7 +40,7 @@ from _common import (  # noqa: E402
     run_prefix,
 )
 
-from tracekit.store.writer import TraceWriter  # noqa: E402
+from tracekit.store.writer import TraceWriter
 
 POOL = 1024  # distinct pre-generated requests, reused with fresh ids (generation is not timed)
 

@@ -23,14 +23,16 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+import duckdb
+from _common import (
     BENCH_OUT,
     fmt_table,
     human_tokens,
@@ -41,11 +43,9 @@ from _common import (  # noqa: E402
     synth_chunks,
 )
 
-import duckdb  # noqa: E402
-
-from tracekit.schema import table as get_table  # noqa: E402
-from tracekit.store.manifest import ensure_manifest  # noqa: E402
-from tracekit.store.parquet import write_part_atomic  # noqa: E402
+from tracekit.schema import table as get_table
+from tracekit.store.manifest import ensure_manifest
+from tracekit.store.parquet import write_part_atomic
 
 EPS = 0.2
 SHARDS = 2
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="all", help="comma list or 'all': " + ", ".join(
         ["shipped", "hash", "hugeint", "sliced", "positional", "lists"]))
+    ap.add_argument("--slice-tokens", type=parse_tokens, default=25_000_000,
+                    help="tokens per request_id range of the 'sliced' strategy (default 25M)")
     ap.add_argument("--chunk", type=parse_tokens, default=CHUNK, help="tokens per part (default 1Mi)")
     ap.add_argument("--out", default=str(BENCH_OUT / "query"))
     ap.add_argument("--keep", action="store_true", help="keep the generated trace")
@@ -371,7 +373,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
                     s, rss, rows = timed(lambda: q_shipped(tcon), repeat)
                     tcon.close()
                 elif strat == "sliced":
-                    s, rss, rows = timed(lambda: q_sliced(con, root, max(1, ntok // 25_000_000)), repeat)
+                    s, rss, rows = timed(lambda: q_sliced(con, root, max(1, ntok // a.slice_tokens)), repeat)
                 elif strat == "positional":
                     for rep in ("aligned", "bench"):
                         s, rss, rows = timed(lambda: con.execute(q_positional(root, rep)).fetchall(), repeat)

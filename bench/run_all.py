@@ -20,7 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import fmt_table, machine_note  # noqa: E402
+from _common import fmt_table, machine_note
 
 # (script, full-size args, --quick args); scripts owned by other helpers are run when present.
 MINE = {

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     TokenSampler,
     engine_like_logprobs,
     fmt_table,
@@ -31,8 +31,8 @@ from _common import (  # noqa: E402
     synth_chunks,
 )
 
-from tracekit.schema import table as get_table  # noqa: E402
-from tracekit.store import parquet as tkpq  # noqa: E402
+from tracekit.schema import table as get_table
+from tracekit.store import parquet as tkpq
 
 TOP_K = 5
 
@@ -201,7 +201,7 @@ def duckdb_reads_back(t: pa.Table) -> bool:
 
 def requests_cost(n: int) -> str:
     """What the requests table adds per generated token (prompt/output id lists, params)."""
-    from tracekit.store.writer import _to_arrow, _Columns
+    from tracekit.store.writer import _Columns, _to_arrow
 
     c = next(synth_chunks(n, seed=0, replay=False, chunk_tokens=n))
     s = TokenSampler(3)
