@@ -61,3 +61,37 @@ def test_query_strategies_agree_with_the_pandas_baseline(tmp_path: Path) -> None
 def test_run_all_has_a_help(script: str) -> None:
     p = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--quick" in p.stdout
+
+
+def test_writer_fast_paths_keep_parts_sorted_complete_and_bounded(tmp_path: Path) -> None:
+    """The writer's performance paths (pre-ordered column runs, sort skipped when ordered, backlog
+    split into parts) must still give sorted, complete parts of bounded size."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tracekit.store.writer import TraceWriter
+
+    rng = np.random.default_rng(0)
+    w = TraceWriter(tmp_path / "t", part_max_rows=5_000, flush_interval=3600)
+    expected = 0
+    for rid in rng.permutation(400):  # requests finish out of order
+        n = int(rng.integers(1, 60))
+        for lo in range(0, n, 25):  # and some arrive in several writes
+            pos = np.arange(lo, min(n, lo + 25), dtype=np.int32)
+            w.write_columns("tokens", {"pos": pos, "token_id": pos, "logprob": -pos.astype(np.float32)},
+                            request_id=int(rid), weight_version=1)
+        expected += n
+    w.write_columns("tokens", {"pos": np.array([0], np.int32), "token_id": np.array([1], np.int32)},
+                    request_id=10_000, weight_version=None)  # a null constant takes the slow path
+    st = w.close()
+    assert st.rows_written["tokens"] == expected + 1 and st.dropped == 0
+    parts = sorted((tmp_path / "t" / "tokens").glob("*.parquet"))
+    assert len(parts) > 1  # the backlog was split
+    seen = 0
+    for p in parts:
+        t = pq.read_table(p)
+        assert t.num_rows <= 5_000 + 25
+        keys = list(zip(t.column("request_id").to_pylist(), t.column("pos").to_pylist()))
+        assert keys == sorted(keys)
+        seen += t.num_rows
+    assert seen == expected + 1
