@@ -37,6 +37,10 @@ def main() -> None:
     prompts = [f"the quick brown fox {i} jumps over" for i in range(a.prompts)]
     sp = SamplingParams(temperature=1.0, max_tokens=a.tokens, min_tokens=a.tokens, seed=None)
     plain = llm.generate
+    sp_lp = sp.clone()  # what the recorder sends: vLLM's own cost of the sampled-token logprob
+    sp_lp.logprobs = 0
+    if "flat_logprobs" in getattr(type(sp), "__struct_fields__", ()):
+        sp_lp.flat_logprobs = True
     rec = tracekit.Recorder(tmp / "trace")
     rec.wrap(llm)
     recorded = llm.generate
@@ -44,17 +48,18 @@ def main() -> None:
         t0 = time.perf_counter()
         fn(prompts, sp, use_tqdm=False)
         print(f"warm-up {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-    t_plain, t_rec, c_plain, c_rec = [], [], [], []
+    t_plain, t_rec, c_plain, c_rec, t_lp, c_lp = [], [], [], [], [], []
     for r in range(a.rounds):
-        order = [(plain, t_plain, c_plain), (recorded, t_rec, c_rec)]
+        order = [(plain, sp, t_plain, c_plain), (plain, sp_lp, t_lp, c_lp), (recorded, sp, t_rec, c_rec)]
         if r % 2:
             order.reverse()
-        for fn, acc, cacc in order:
+        for fn, params, acc, cacc in order:
             c0, t0 = time.process_time(), time.perf_counter()
-            fn(prompts, sp, use_tqdm=False)
+            fn(prompts, params, use_tqdm=False)
             acc.append(time.perf_counter() - t0)
             cacc.append(time.process_time() - c0)  # all threads of this process, writer included
-        print(f"round {r}: plain {t_plain[-1]:.3f} s, recorded {t_rec[-1]:.3f} s", file=sys.stderr, flush=True)
+        print(f"round {r}: plain {t_plain[-1]:.3f} s, logprobs=0 {t_lp[-1]:.3f} s, recorded {t_rec[-1]:.3f} s",
+              file=sys.stderr, flush=True)
     st = rec.close()
     toks = a.prompts * a.tokens
     ratio = sum(t_rec) / sum(t_plain)
@@ -66,6 +71,11 @@ def main() -> None:
     cratio = sum(c_rec) / sum(c_plain)
     print(f"cpu time : plain {sum(c_plain):.2f} s, recorded {sum(c_rec):.2f} s -> {100 * (cratio - 1):+.2f} % "
           "(process CPU time, less sensitive to other load on the box)")
+    lratio = sum(t_lp) / sum(t_plain)
+    lcratio = sum(c_lp) / sum(c_plain)
+    print(f"of which : vLLM computing logprobs=0 alone (no recorder): {100 * (lratio - 1):+.2f} % wall, "
+          f"{100 * (lcratio - 1):+.2f} % CPU; recorder itself vs logprobs=0: "
+          f"{100 * (sum(t_rec) / sum(t_lp) - 1):+.2f} % wall, {100 * (sum(c_rec) / sum(c_lp) - 1):+.2f} % CPU")
     print(f"trace    : {st.rows_written.get('tokens', 0):,} tokens written, {st.dropped} rows dropped")
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()
