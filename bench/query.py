@@ -419,6 +419,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
     tk = [r for r in results if r["tokens"] == nb]
     tk_ship = next((r for r in tk if r["strategy"] == "shipped"), None)
     tk_hash = next((r for r in tk if r["strategy"] == "hash"), None)
+    tk_pos = next((r for r in tk if r["strategy"] == "positional (aligned replay)"), None)
     agree = max_diff(rows_base, per_size_rows[nb]["hash"]) if "hash" in per_size_rows.get(nb, {}) else float("nan")
 
     # ------------------------------------------------------------------ report
@@ -430,7 +431,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
                      "max |diff| vs hash", "error"], rows))
     print(f"\n### baseline at {human_tokens(nb)} tokens (same data, side by side)\n")
     brow = [["JSONL + pandas (read_json, merge, explode, groupby)", s_base, cpu_base, rss_base, 1.0, 1.0]]
-    for r in (tk_ship, tk_hash):
+    for r in (tk_ship, tk_hash, tk_pos):
         if r:
             brow.append([f"tracekit ({r['strategy']})", r["seconds"], r["cpu_seconds"], r["peak_rss_mb"],
                          s_base / r["seconds"], cpu_base / r["cpu_seconds"]])
@@ -458,9 +459,8 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
             print(f"Target <= 10 s at {human_tokens(ntot)} ({label}: {r['strategy']}): {r['seconds']:.1f} s -> "
                   f"{'MET' if r['seconds'] <= 10 else 'MISSED'}; peak RSS {r['peak_rss_mb']:,.0f} MiB; "
                   f"vs baseline extrapolated linearly: {ratio:.0f}x")
-    if tk_ship or tk_hash:
-        r = tk_ship or tk_hash
-        for r in (tk_ship, tk_hash):
+    if tk_ship or tk_hash or tk_pos:
+        for r in (tk_ship, tk_hash, tk_pos):
             if not r:
                 continue
             summary[f"ratio_same_size_{r['strategy']}"] = s_base / r["seconds"]
