@@ -69,10 +69,12 @@ def summarise(name: str, d: dict[str, Any]) -> list[list[Any]]:
     if name == "query":
         b = d["baseline"]
         rows = []
-        for label in ("shipped", "best"):
+        for label in ("shipped", "best", "positional"):
             if f"{label}_seconds" in d:
-                rows.append([f"query: per-step attribution at {d['tokens'] / 1e6:.0f}M tokens ({label})", "<= 10 s",
-                             f"{d[f'{label}_seconds']:.1f} s"])
+                rows.append([f"query: per-step attribution at {d['tokens'] / 1e6:.0f}M tokens "
+                             f"({d.get(f'{label}_strategy', label)})", "<= 10 s",
+                             f"{d[f'{label}_seconds']:.1f} s wall, {d.get(f'{label}_cpu_seconds', float('nan')):.1f} "
+                             "CPU s (2 threads)"])
         for k, v in d.items():
             if k.startswith("ratio_same_size_"):
                 s = k.removeprefix("ratio_same_size_")
