@@ -21,6 +21,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -142,6 +143,7 @@ class Recorder:
         self.errors = 0
         self.error_messages: list[str] = []
         self.closed = False
+        self._wrapped: list[weakref.ref[Any]] = []
 
     # ------------------------------------------------------------------ ids and context
     def new_request_id(self) -> int:
@@ -179,17 +181,23 @@ class Recorder:
         """Record every request of a ``vllm.LLM`` or ``AsyncLLM``; returns the SAME object.
 
         The object keeps its type; only its generate/chat/collective_rpc get recording hooks.
+        An engine wrapped by another recorder is taken over (its hooks are replaced, not
+        stacked); ``close()`` or ``unwrap()`` removes them.
         """
         try:
             if getattr(engine, "_tracekit_recorder", None) is self:
                 return engine
+            if getattr(engine, "_tracekit_recorder", None) is not None:
+                _remove_hooks(engine)
             if hasattr(engine, "llm_engine") and hasattr(engine, "generate"):
                 from .llm import wrap_llm
 
+                self._wrapped.append(weakref.ref(engine))
                 return wrap_llm(self, engine, engine_args)
             if hasattr(engine, "engine_core") and hasattr(engine, "generate"):
                 from .async_llm import wrap_async_llm
 
+                self._wrapped.append(weakref.ref(engine))
                 return wrap_async_llm(self, engine, engine_args)
             self._count_error(f"wrap: unsupported engine type {type(engine).__name__}")
         except Exception as e:
@@ -291,6 +299,14 @@ class Recorder:
             "trainer", cols, request_id=int(request_id), policy_version=policy_version,
             step=self._step if step is None else step,
         )
+
+    @safe(default=False)
+    def log_reward(self, request_id: int, reward: float, *, step: int | None = None) -> bool:
+        """The reward of a recorded sample (its own table: the request row is already written)."""
+        return self.writer.write("rewards", {
+            "request_id": int(request_id), "reward": float(reward), "run_id": self.run_id, "time": _now(),
+            "step": self._step if step is None else step,
+        })
 
     # ------------------------------------------------------------------ weights
     @safe(default=False)
@@ -404,11 +420,28 @@ class Recorder:
     def stats(self) -> WriterStats:
         return self.writer.stats()
 
+    def unwrap(self, engine: Any) -> Any:
+        """Remove this recorder's hooks from ``engine`` (a no-op if another recorder owns it)."""
+        if getattr(engine, "_tracekit_recorder", None) is self:
+            _remove_hooks(engine)
+        return engine
+
     def close(self, timeout: float | None = 30.0) -> WriterStats:
-        """Flush and close; reports drops (also written to ``runs/`` and shown by ``info``)."""
+        """Flush and close; reports drops (also written to ``runs/`` and shown by ``info``).
+
+        Engines this recorder wrapped are unwrapped, so a long-lived engine does not keep
+        recording into a closed trace.
+        """
         if self.closed:
             return self.writer.stats()
         self.closed = True
+        for ref in self._wrapped:
+            eng = ref()
+            if eng is not None:
+                try:
+                    self.unwrap(eng)
+                except Exception as e:  # noqa: BLE001
+                    self._count_error(f"unwrap: {e}")
         try:
             st = self.writer.close(timeout)
         except Exception as e:
@@ -429,6 +462,27 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- helpers
+_HOOKED = ("generate", "chat", "collective_rpc")
+
+
+def _remove_hooks(engine: Any) -> None:
+    """Put back the methods a wrap replaced: the class's own, or whatever was there before."""
+    hooks = engine.__dict__.get("_tracekit_hooks")
+    if hooks is None:
+        return
+    for name in _HOOKED:
+        orig = getattr(hooks, {"generate": "orig_generate", "chat": "orig_chat",
+                               "collective_rpc": "orig_rpc"}[name], None)
+        if name not in engine.__dict__:
+            continue
+        if orig is None or getattr(orig, "__func__", None) is getattr(type(engine), name, None):
+            del engine.__dict__[name]  # back to the class method
+        else:
+            setattr(engine, name, orig)  # the user's own patch underneath ours
+    engine.__dict__.pop("_tracekit_hooks", None)
+    engine.__dict__.pop("_tracekit_recorder", None)
+
+
 def _to_list(x: Any) -> list[float]:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()

@@ -145,6 +145,9 @@ def run_job(
                     prompt_ids.append(list(o.prompt_token_ids))
                     out_ids.append(list(c.token_ids))
                     eng_lps.append(_engine_logprobs(c))
+            for rid, r in zip(rids, rewards):
+                if rid is not None:
+                    rec.log_reward(rid, r, step=step)
             batch = Batch.build(prompt_ids, out_ids, trainer.pad_id)
             old, ents = trainer.score(batch)
             for rid, lp, ent in zip(rids, old, ents):

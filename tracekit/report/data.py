@@ -54,7 +54,11 @@ def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> 
         reference = "trainer" if "trainer" in sources else ("recorded" if "recorded" in sources else None)
         data = ReportData(Path(trace), reference, eps, _summary(con, t), _engines(con), sources)
         data.job_metrics = _job_metrics(t.root)
-        rewards = dict(con.execute("SELECT step, avg(reward) FROM requests WHERE reward IS NOT NULL GROUP BY 1").fetchall())
+        # Rewards logged later by the job (rewards/, latest per request) win over any recorded inline.
+        rewards = dict(con.execute(
+            "SELECT q.step, avg(coalesce(w.reward, q.reward)) FROM requests q "
+            "LEFT JOIN (SELECT request_id, arg_max(reward, time) AS reward FROM rewards GROUP BY 1) w "
+            "USING (request_id) WHERE coalesce(w.reward, q.reward) IS NOT NULL GROUP BY 1").fetchall())
         if reference is None:
             return data
         ref, e = _lit(reference), repr(float(eps))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 
 from ..errors import TraceFormatError
@@ -43,6 +44,8 @@ _CHECKS: list[tuple[str, str, str, str]] = [
      "warning", "{n} request(s) have fewer token rows than output tokens (a crash between parts, or dropped rows)"),
     ("orphan_trainer", "SELECT count(*) FROM trainer t ANTI JOIN requests r USING (request_id)",
      "warning", "{n} trainer row(s) whose request_id is not in requests (yet)"),
+    ("orphan_rewards", "SELECT count(*) FROM rewards t ANTI JOIN requests r USING (request_id)",
+     "warning", "{n} reward row(s) whose request_id is not in requests (yet)"),
     ("versions_without_snapshot",
      "SELECT count(DISTINCT weight_version) FROM tokens WHERE weight_version IS NOT NULL "
      "AND weight_version NOT IN (SELECT version FROM weights)",
@@ -81,6 +84,9 @@ def validate(root: str | Path, *, deep: bool = True) -> list[Finding]:
             n = con.execute(sql).fetchone()[0]
             if n:
                 findings.append(Finding(level, msg.format(n=n)))
+    except duckdb.Error as e:  # e.g. a corrupt data page under --quick (pages not decoded above)
+        findings.append(Finding("error", f"unreadable data ({one_line(e)})"))
+        return findings
     finally:
         con.close()
     findings.extend(Finding("error", p) for p in verify_weights(trace))
