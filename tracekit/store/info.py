@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .reader import Trace
+import duckdb
+
+from ..errors import TraceFormatError
+from .reader import Trace, one_line
 
 _ENGINE_COLS = [
     "engine_id", "role", "surface", "vllm_version", "torch_version", "platform", "model", "dtype",
@@ -69,6 +72,8 @@ def info(root: str | Path) -> dict[str, Any]:
             "tokens_bytes": tok_bytes,
             "bytes_per_token": (tok_bytes / n_tokens) if n_tokens else None,
         }
+    except duckdb.Error as e:  # footers were fine, a data page is not
+        raise TraceFormatError(f"{trace.root}: unreadable data ({one_line(e)}); run `tracekit validate`") from None
     finally:
         con.close()
 

@@ -53,9 +53,12 @@ class Trace:
         if not p.exists():
             return {"name": name}
         try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TraceFormatError(f"{p}: corrupt replay metadata ({e})") from None
+            m = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TraceFormatError(f"{p}: corrupt replay metadata ({one_line(e)})") from None
+        if not isinstance(m, dict):
+            raise TraceFormatError(f"{p}: corrupt replay metadata (not a JSON object)")
+        return m
 
     def parts(self, table: str | None = None) -> Iterator[Part]:
         """Every complete part on disk, optionally of one table."""
@@ -84,12 +87,17 @@ class Trace:
             self.check_parts()
         con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
         con.execute(f"SET temp_directory={_sql_str(tempfile.gettempdir())}")
-        for t in tables().values():
-            con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t)}")
-        self._create_replays_view(con)
-        from ..compare import views as compare_views  # late import: compare builds on the store
+        try:  # DuckDB reads every footer to bind the views: a bad part must be a clear error
+            for t in tables().values():
+                con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t)}")
+            self._create_replays_view(con)
+            from ..compare import views as compare_views  # late import: compare builds on the store
 
-        compare_views.install(con, self)
+            compare_views.install(con, self)
+        except duckdb.Error as e:
+            con.close()
+            raise TraceFormatError(f"{self.root}: cannot read the trace's tables ({one_line(e)}); "
+                                   "run `tracekit validate` to find the bad part") from None
         if read_only:
             from .sql import lock_down
 

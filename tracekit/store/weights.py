@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import duckdb
+
 from ..errors import WeightsError
 from .parquet import fsync_dir
 
@@ -134,6 +136,8 @@ def snapshot_rows(trace: "Trace", version: int) -> list[tuple[str, str]]:
         rows = con.execute(
             "SELECT name, sha256 FROM weights WHERE version = ? ORDER BY name", [version]
         ).fetchall()
+    except duckdb.Error as e:  # a corrupt weights part
+        raise WeightsError(f"cannot read the weights table of {trace.root}: {str(e).splitlines()[0]}") from None
     finally:
         con.close()
     if not rows:
@@ -174,6 +178,8 @@ def verify(trace: "Trace") -> list[str]:
     con = trace.connect(read_only=False, check_parts=False)
     try:
         rows = con.execute("SELECT DISTINCT sha256 FROM weights ORDER BY 1").fetchall()
+    except duckdb.Error as e:  # a corrupt weights part
+        return [f"cannot read the weights table: {str(e).splitlines()[0]}"]
     finally:
         con.close()
     problems = []

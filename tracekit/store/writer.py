@@ -246,7 +246,7 @@ class TraceWriter:
         first_at: dict[tuple[str, str | None], float] = {}
         try:  # pyarrow's first conversion imports pandas (0.5-2 s): pay it before a flush is due
             pa.array([0])
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - a warm-up only; real failures surface per part
             pass
         while True:
             # Sleep until the oldest buffered row is due, so a row waits at most one flush
