@@ -71,3 +71,53 @@ def test_bad_input_gives_one_line_and_exit_2(case: Case, outcomes: dict[str, tup
     assert not (work / "UNPICKLED").exists(), "a pickle payload was unpickled"
     # a refused command leaves nothing where it pointed (no export dir, no COPY/EXPORT/ATTACH file)
     assert not any(p.name.startswith(("out", "exp", "evil", "o.")) for p in work.iterdir()), list(work.iterdir())
+
+
+# ---------------------------------------------------------------------------- weights: never pickle
+def test_pickle_blob_is_refused_and_never_unpickled(good_trace: Path, tmp_path: Path) -> None:
+    """A pickle stored under its own (matching) sha256 passes the hash check, so only the
+    safetensors check stands between it and the loader: it must refuse without unpickling."""
+    import shutil
+
+    from bad_inputs import _plant_blob, pickle_payload
+    from tracekit.errors import WeightsError
+    from tracekit.store import Trace
+    from tracekit.store.weights import export_snapshot, load_snapshot, verify
+
+    root = tmp_path / "t"
+    shutil.copytree(good_trace, root)
+    marker = tmp_path / "UNPICKLED"
+    _plant_blob(lambda work: pickle_payload(marker), 9)(root, tmp_path)
+    with pytest.raises(WeightsError, match="not a tracekit safetensors blob"):
+        load_snapshot(Trace(root), 9)
+    with pytest.raises(WeightsError):
+        export_snapshot(Trace(root), 9, tmp_path / "out")
+    assert any("not a tracekit safetensors blob" in p for p in verify(Trace(root)))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    import pickle
+
+    pickle.loads(pickle_payload(marker))  # the control: this payload really would have run
+    assert marker.exists()
+
+
+_UNSAFE = ("torch.load(", "pickle.load(", "pickle.loads(", "cPickle", "dill.", "joblib.load", "cloudpickle",
+           "allow_pickle=True", "weights_only=False", "pd.read_pickle", "shelve.open")
+
+
+# The replay worker frames messages on a private pipe between tracekit's own parent and worker
+# processes (never data read from a trace): the one reviewed exception.
+_ALLOWED = {("tracekit/replay/worker.py", "yield pickle.loads(data)")}
+
+
+def test_no_code_path_can_unpickle() -> None:
+    """Weights are read with safetensors only: no pickle-capable loader anywhere in tracekit."""
+    pkg = Path(__file__).resolve().parents[1] / "tracekit"
+    hits = []
+    for p in sorted(pkg.rglob("*.py")):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if (str(p.relative_to(pkg.parent)), code.strip()) in _ALLOWED:
+                continue
+            if any(u in code for u in _UNSAFE):
+                hits.append(f"{p.relative_to(pkg.parent)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)
