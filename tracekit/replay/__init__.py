@@ -9,6 +9,7 @@ without a ledger row (removed on ``resume``) but never a ledger row without its 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -22,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..errors import EngineError, TracekitError
 
@@ -155,19 +156,17 @@ def replay(
         now = _now()
         if plan.skipped:
             writer.write("replay_requests", [
-                dict(request_id=rid, mode=mode, status="skipped", weight_version=v, num_tokens=0, error=why,
-                     shard=shard_s, time=now) for rid, v, why in plan.skipped], replay=name)
+                {"request_id": rid, "mode": mode, "status": "skipped", "weight_version": v, "num_tokens": 0, "error": why,
+                     "shard": shard_s, "time": now} for rid, v, why in plan.skipped], replay=name)
             writer.flush()
             res.requests_skipped = len(plan.skipped)
         if plan.num_requests:
             job = {
                 "mode": mode, "trace": str(root), "engine_recorded": recorded, "engine_overrides": overrides,
-                "hf_overrides": hf, "chunk_requests": chunk_requests,
-                "full_distribution": mode == "score" and _needs_full(plan),
+                "hf_overrides": hf,
                 "reference": {"dtype": overrides.get("dtype", "float32"), "head_dtype": hf.get("head_dtype")},
-                "groups": [{"version": g.version, "tensors": g.tensors, "requests": g.requests} for g in plan.groups],
             }
-            _run_worker(py, job, writer, name, mode, shard_s, plan, res, rdir, progress)
+            _run_worker(py, job, t, writer, name, mode, shard_s, plan, res, rdir, progress, chunk_requests)
     except BaseException:
         writer.close()
         if created:
@@ -185,18 +184,8 @@ def _drop_if_empty(rdir: Path) -> None:
         shutil.rmtree(rdir, ignore_errors=True)
 
 
-def _needs_full(plan: Any) -> bool:
-    from .modes import processing_changes_logprob
-    from .processed import is_reconstructable
-
-    return any(
-        r["output"] and processing_changes_logprob(r) and is_reconstructable(r.get("sampling"))[0]
-        for g in plan.groups for r in g.requests
-    )
-
-
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> bool:
@@ -264,8 +253,34 @@ def _cleanup_orphans(trace: Any, name: str, shard: tuple[int, int] | None) -> No
             os.replace(part, dest / part.name)
 
 
-def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str, shard_s: str | None,
-                plan: Any, res: ReplayResult, rdir: Path, progress: bool) -> None:
+def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseException]) -> None:
+    """Feeder thread: stream 'load' / 'chunk' / 'end' frames to the worker (the pipe blocks
+    when the worker is behind, which bounds memory on both sides)."""
+    from .plan import iter_requests
+    from .worker import send
+
+    try:
+        for g in plan.groups:
+            if g.tensors:
+                send(stdin, {"type": "load", "version": g.version, "tensors": g.tensors})
+            for batch in iter_requests(trace, g, max(1, int(chunk))):
+                send(stdin, {"type": "chunk", "version": g.version, "requests": batch})
+        send(stdin, {"type": "end"})
+    except BrokenPipeError:
+        pass  # the worker died or refused the config; the reader reports why
+    except BaseException as e:  # noqa: BLE001 - handed to the main thread
+        failed.append(e)
+    finally:
+        try:
+            stdin.close()
+        except OSError:
+            pass
+
+
+def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str, mode: str, shard_s: str | None,
+                plan: Any, res: ReplayResult, rdir: Path, progress: bool, chunk: int) -> None:
+    import threading
+
     from .worker import receive
 
     tmp = Path(tempfile.mkdtemp(prefix="tracekit-job-"))
@@ -282,9 +297,13 @@ def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [py, "-m", "tracekit.replay.worker", str(jf), str(wfd)], pass_fds=(wfd,), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env, start_new_session=True,
         )
     os.close(wfd)
+    feed_errors: list[BaseException] = []
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, trace, plan, chunk, feed_errors),
+                              name="tracekit-replay-feed", daemon=True)
+    feeder.start()
     engine_id = uuid.uuid4().hex[:16]
     res.engine_id = engine_id
     pending: list[dict[str, Any]] = []
@@ -323,6 +342,9 @@ def _run_worker(py: str, job: dict[str, Any], writer: Any, name: str, mode: str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rc = _wait(proc)
+    feeder.join(timeout=10)
+    if feed_errors:
+        raise feed_errors[0]
     if any(rdir.glob("*/*.parquet")):
         (rdir / "logs").mkdir(exist_ok=True)
         shutil.copy2(log_path, rdir / "logs" / log_path.name)
@@ -364,7 +386,7 @@ class _Progress:
                               TextColumn("{task.fields[note]}"), transient=False)
             self.task = self.p.add_task(f"replay {name} ({mode})", total=total, tps="-", note="")
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> Self:
         if self.enabled:
             self.p.start()
         return self
@@ -410,10 +432,10 @@ def _commit(writer: Any, results: list[dict[str, Any]], name: str, mode: str, sh
             raise ReplayError("trace writer did not flush replay tokens within 600 s")
     now = _now()
     writer.write("replay_requests", [
-        dict(request_id=r["request_id"], engine_id=engine_id, mode=mode, status=r["status"],
-             weight_version=r["weight_version"], num_tokens=len(r["token_id"]),
-             output_token_ids=r["output_token_ids"], num_agree=r["num_agree"], error=r["error"],
-             shard=shard_s, time=now) for r in results], replay=name)
+        {"request_id": r["request_id"], "engine_id": engine_id, "mode": mode, "status": r["status"],
+             "weight_version": r["weight_version"], "num_tokens": len(r["token_id"]),
+             "output_token_ids": r["output_token_ids"], "num_agree": r["num_agree"], "error": r["error"],
+             "shard": shard_s, "time": now} for r in results], replay=name)
     if not writer.flush(timeout=600):
         raise ReplayError("trace writer did not flush the replay ledger within 600 s")
     st = writer.stats()
@@ -446,11 +468,9 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
-        except Exception:
-            try:
+        except (OSError, subprocess.TimeoutExpired):
+            with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except Exception:
-                pass
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> int | None:

