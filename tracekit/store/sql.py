@@ -46,7 +46,7 @@ def check_read_only(sql: str) -> list[str]:
         text = s.query.strip()
         if kind not in _ALLOWED:
             raise QueryError(f"refused: {kind} statements are not allowed, `tracekit sql` is read-only")
-        if kind == "PRAGMA" and not text.lower().lstrip("pragma ").startswith(_READ_PRAGMAS):
+        if kind == "PRAGMA" and not text.lower().removeprefix("pragma").strip().startswith(_READ_PRAGMAS):
             raise QueryError("refused: only descriptive PRAGMAs are allowed, `tracekit sql` is read-only")
         if kind == "EXPLAIN" and " analyze" in text.lower()[:20]:
             inner = text.split(None, 2)[-1]

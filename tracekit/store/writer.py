@@ -320,7 +320,12 @@ class TraceWriter:
             log.warning("tracekit: %s", msg)
 
 
-_ORDER = ["runs", "engines", "weights", "weight_syncs", "requests", "replay_requests"]
+# Within one flush, parts are renamed in this order. Recorded data: parents before children, so a
+# crash leaves at worst a request with fewer token rows, never tokens without their request.
+# Replays: the ledger (replay_requests) goes last, so a ledger row never exists without its tokens
+# and --resume can trust it.
+_ORDER = ["runs", "engines", "replay_engines", "weights", "weight_syncs", "requests", "tokens", "trainer",
+          "rewards", "replay_tokens", "replay_requests"]
 
 
 def _table_order(key: tuple[str, str | None]) -> int:
