@@ -59,7 +59,10 @@ def test_good_trace_is_accepted(good_trace: Path, tmp_path: Path) -> None:
     assert tree_digest(good_trace) == before
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.name, marks=[pytest.mark.xfail(reason=c.known_bug, strict=True)] if c.known_bug else [])
+    for c in CASES
+])
 def test_bad_input_gives_one_line_and_exit_2(case: Case, outcomes: dict[str, tuple]) -> None:
     r, before, after, trace, work = outcomes[case.name]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
