@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +185,7 @@ class _Unpickled:
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.marker, "w"))
 
 

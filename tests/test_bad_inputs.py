@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from bad_inputs import CASES, Case, argv_for, build_good_trace, materialise, tree_digest
 
 
@@ -83,6 +82,7 @@ def test_pickle_blob_is_refused_and_never_unpickled(good_trace: Path, tmp_path: 
     import shutil
 
     from bad_inputs import _plant_blob, pickle_payload
+
     from tracekit.errors import WeightsError
     from tracekit.store import Trace
     from tracekit.store.weights import export_snapshot, load_snapshot, verify

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bad_inputs import build_good_trace, tree_digest
+
 from tracekit.errors import TracekitError
 from tracekit.store import Trace
 from tracekit.store.info import info
