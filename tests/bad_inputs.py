@@ -369,8 +369,7 @@ CASES: list[Case] = [
          ("replay", "{trace}", "--name", "x", "--model", "{work}/no/such/model", "--no-progress"), "does not exist"),
     Case("replay_engine_arg_vllm_rejects", _noop,
          ("replay", "{trace}", "--name", "x", "--model", "{work}", "--engine-arg", "no_such_arg=1", "--no-progress"),
-         "no engine arg 'no_such_arg'",
-         known_bug="replay writes its runs/ start+close rows into the trace before refusing the engine arg"),
+         "no engine arg 'no_such_arg'"),
     # --- CLI arguments
     Case("cli_unknown_command", _noop, ("frobnicate", "{trace}"), "no such command"),
     Case("cli_unknown_option", _noop, ("info", "{trace}", "--bogus"), "no such option"),

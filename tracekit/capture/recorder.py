@@ -326,6 +326,9 @@ class Recorder:
 
         rows = put_tensors(self.root, _iter_tensors(source), version=version,
                            step=self._step if step is None else step, run_id=self.run_id)
+        if not rows:  # e.g. a directory of .bin/.pt files: never unpickled, so nothing to store
+            self._count_error(f"log_weights({version}): no safetensors tensors found in {source!r:.200}")
+            return False
         self._snapshotted.add(version)
         return self.writer.write("weights", rows)
 
