@@ -146,6 +146,7 @@ def shuffled_order(t: pa.Table) -> pa.Table:
 
 def run(n: int, logprobs: str, out: list[dict[str, Any]]) -> str:
     t = tokens_table(n, logprobs=logprobs)
+    n = t.num_rows  # whole steps: a little more than asked
     base, _ = nbytes(t)
     rows = []
     for label, opts in variants(t):
