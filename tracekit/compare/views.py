@@ -62,8 +62,8 @@ FROM requests
 # One comparable token: both logprobs present. Δ is computed in DOUBLE. Token clip: ratio outside
 # [1 − eps, 1 + eps]; a token with exactly one -inf side has ratio 0 or +inf and counts as clipped;
 # both -inf gives Δ = NaN and the token is excluded from clip and KL (counted as nonfinite).
-TOKEN_DIFF_SQL = """
-SELECT x.request_id, x.pos, r.step, r.group_id, r.sampling, r.temperature, r.cache_hit,
+TOKEN_PAIR_SQL = """
+SELECT x.request_id, x.pos,
        coalesce(x.weight_version, y.weight_version) AS weight_version,
        x.logprob::DOUBLE AS logprob_a, y.logprob::DOUBLE AS logprob_b,
        x.logprob::DOUBLE - y.logprob::DOUBLE AS delta,
@@ -77,8 +77,17 @@ SELECT x.request_id, x.pos, r.step, r.group_id, r.sampling, r.temperature, r.cac
        x.entropy AS entropy_a, y.entropy AS entropy_b
 FROM {a} AS x
 JOIN {b} AS y ON x.request_id = y.request_id AND x.pos = y.pos
-LEFT JOIN request_info AS r ON r.request_id = x.request_id
 WHERE x.logprob IS NOT NULL AND y.logprob IS NOT NULL
+"""
+
+# The public per-token view adds the request's keys. Aggregations use TOKEN_PAIR_SQL and join
+# request_info once per request instead: per token it cost +46 % CPU at 100 M tokens
+# (docs/benchmarks.md).
+TOKEN_DIFF_SQL = """
+SELECT p.request_id, p.pos, r.step, r.group_id, r.sampling, r.temperature, r.cache_hit,
+       p.* EXCLUDE (request_id, pos)
+FROM ({pairs}) AS p
+LEFT JOIN request_info AS r ON r.request_id = p.request_id
 """
 
 # Per-request sums: token metrics aggregate exactly from these (Σ sums / Σ counts), and the GSPO
@@ -101,7 +110,7 @@ FROM (
            sum(t.entropy_a) AS sum_entropy_a, count(t.entropy_a) AS n_entropy_a,
            sum(t.entropy_b) AS sum_entropy_b, count(t.entropy_b) AS n_entropy_b,
            avg(t.delta) FILTER (WHERE NOT isnan(t.delta)) AS seq_mean_delta
-    FROM ({token_diff}) AS t
+    FROM ({token_pairs}) AS t
     GROUP BY t.request_id
 ) AS g
 """
@@ -144,7 +153,7 @@ FROM (SELECT t.request_id, t.pos, t.weight_version,
              t.k3 AS sum_k3,
              t.entropy_a AS sum_entropy_a, (t.entropy_a IS NOT NULL)::INT AS n_entropy_a,
              t.entropy_b AS sum_entropy_b, (t.entropy_b IS NOT NULL)::INT AS n_entropy_b
-      FROM ({token_diff}) AS t) AS s
+      FROM ({token_pairs}) AS t) AS s
 GROUP BY ALL
 ORDER BY 1 NULLS FIRST
 """
@@ -176,13 +185,18 @@ def source_sql(trace: Trace) -> dict[str, str]:
     return out
 
 
+def token_pairs_sql(a: str, b: str, eps: float | str = DEFAULT_EPS) -> str:
+    """Per-token Δ metrics of two relations joined on (request_id, pos), no request keys."""
+    return TOKEN_PAIR_SQL.format(a=_rel(a), b=_rel(b), eps=_eps(eps))
+
+
 def token_diff_sql(a: str, b: str, eps: float | str = DEFAULT_EPS) -> str:
     """Per-token comparison of two relations (SQL text of SELECTs or relation names)."""
-    return TOKEN_DIFF_SQL.format(a=_rel(a), b=_rel(b), eps=_eps(eps))
+    return TOKEN_DIFF_SQL.format(pairs=token_pairs_sql(a, b, eps))
 
 
 def seq_diff_sql(a: str, b: str, eps: float | str = DEFAULT_EPS) -> str:
-    return SEQ_DIFF_SQL.format(token_diff=token_diff_sql(a, b, eps), eps=_eps(eps))
+    return SEQ_DIFF_SQL.format(token_pairs=token_pairs_sql(a, b, eps), eps=_eps(eps))
 
 
 def diff_by_sql(a: str, b: str, by: str, eps: float | str = DEFAULT_EPS) -> str:
@@ -194,7 +208,7 @@ def diff_by_sql(a: str, b: str, by: str, eps: float | str = DEFAULT_EPS) -> str:
         )
     if by in TOKEN_KEYS:
         return BY_TOKEN_KEY_SQL.format(
-            key=TOKEN_KEYS[by], name=name, metrics=_METRICS, token_diff=token_diff_sql(a, b, eps)
+            key=TOKEN_KEYS[by], name=name, metrics=_METRICS, token_pairs=token_pairs_sql(a, b, eps)
         )
     raise QueryError(f"cannot group by {by!r}; choose one of: {', '.join(AGG_KEYS)}")
 
