@@ -45,7 +45,7 @@ def test_query_strategies_agree_with_the_pandas_baseline(tmp_path: Path) -> None
     assert d["baseline"]["agree"] < 1e-9  # JSONL + pandas and DuckDB compute the same numbers
     by = {(r["tokens"], r["strategy"]): r for r in d["results"]}
     assert len({t for t, _ in by}) == 2
-    for (t, s), r in by.items():
+    for (_t, s), r in by.items():
         assert "error" not in r, r
         if s == "positional (sharded replay)":
             assert r["misaligned"] > 0  # the positional join cannot pair a sharded replay

@@ -100,7 +100,7 @@ def test_runtime_defaults_fault_resolves_the_checkpoint_top_k_the_job_never_aske
     clean, bad = run(Faults()), run(Faults(runtime_defaults=True))
     rows = Trace(bad.trace).query("SELECT sampling_requested, sampling_resolved, top_k FROM requests")
     k = PLANTED_GENERATION_DEFAULTS["top_k"]
-    for req, res, top_k in rows:
+    for _req, res, top_k in rows:
         assert top_k == k and json.loads(res)["top_k"] == k
     (clean_k,), = Trace(clean.trace).query("SELECT DISTINCT coalesce(top_k, -1) FROM requests")
     assert clean_k in (-1, 0)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import TracekitError
 from ..testing.faults import Faults
@@ -108,7 +109,7 @@ def _engine_version(python: str | None) -> str:
 
     exe = python or sys.executable
     try:
-        v = subprocess.run([exe, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+        v = subprocess.run([exe, "-c", "import vllm; print(vllm.__version__)"], check=False, capture_output=True,
                            text=True, timeout=120).stdout.strip()
     except Exception:  # noqa: BLE001 - only for the message
         v = "?"

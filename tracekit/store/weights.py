@@ -12,8 +12,9 @@ import datetime as _dt
 import hashlib
 import os
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -129,7 +130,7 @@ def _check_safetensors(data: bytes, path: Path) -> None:
         raise WeightsError(f"weight blob {path} is not a tracekit safetensors blob ({e})") from None
 
 
-def snapshot_rows(trace: "Trace", version: int) -> list[tuple[str, str]]:
+def snapshot_rows(trace: Trace, version: int) -> list[tuple[str, str]]:
     """(name, sha256) of every tensor of ``version``; WeightsError when there is no snapshot."""
     con = trace.connect(read_only=False, check_parts=False)
     try:
@@ -145,14 +146,14 @@ def snapshot_rows(trace: "Trace", version: int) -> list[tuple[str, str]]:
     return rows
 
 
-def load_snapshot(trace: "Trace", version: int) -> dict[str, Any]:
+def load_snapshot(trace: Trace, version: int) -> dict[str, Any]:
     """Verified torch tensors of one version, keyed by checkpoint tensor name."""
     import safetensors.torch as st
 
     return {name: st.load(read_blob(trace.root, sha))[_KEY] for name, sha in snapshot_rows(trace, version)}
 
 
-def export_snapshot(trace: "Trace", version: int, out_dir: Path, *, like: Path | None = None) -> Path:
+def export_snapshot(trace: Trace, version: int, out_dir: Path, *, like: Path | None = None) -> Path:
     """Write ``version`` as ``out_dir/model.safetensors`` (what vLLM's reload_weights reads).
 
     ``like``: a model directory whose config.json / generation_config.json / tokenizer files are
@@ -173,7 +174,7 @@ def export_snapshot(trace: "Trace", version: int, out_dir: Path, *, like: Path |
     return out_dir
 
 
-def verify(trace: "Trace") -> list[str]:
+def verify(trace: Trace) -> list[str]:
     """Problems with the weight blobs the ``weights`` table names (empty list: all good)."""
     con = trace.connect(read_only=False, check_parts=False)
     try:

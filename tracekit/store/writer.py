@@ -22,16 +22,18 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import __version__
-from ..schema import Table, table as get_table
+from ..schema import Table
+from ..schema import table as get_table
 from .manifest import ensure_manifest
 from .parquet import write_part_atomic
 
@@ -68,7 +70,7 @@ class WriterStats:
 
 
 _MAX_ERRORS = 100
-_live_writers: "weakref.WeakSet[TraceWriter]" = weakref.WeakSet()
+_live_writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
 
 
 @atexit.register
@@ -234,7 +236,7 @@ class TraceWriter:
                 s.queue_high_water, list(s.errors), dict(s.rows_pending),
             )
 
-    def __enter__(self) -> "TraceWriter":
+    def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
