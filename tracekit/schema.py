@@ -46,6 +46,7 @@ class Column:
     nullable: bool
     description: str
     encoding: str | None = None
+    since: int = 1  # table version that added the column (additive evolution: nullable only)
 
     @property
     def arrow(self) -> pa.DataType:
@@ -77,8 +78,18 @@ class Table:
     @property
     def hash(self) -> str:
         """sha256 of what readers depend on: names, types, nullability, version."""
-        canon = [self.name, self.version, [[c.name, c.type, c.nullable] for c in self.columns]]
+        return self.hash_at(self.version)
+
+    def hash_at(self, version: int) -> str:
+        """The hash this table had at ``version``: its columns with ``since <= version``."""
+        canon = [self.name, version, [[c.name, c.type, c.nullable] for c in self.columns if c.since <= version]]
         return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def readable_hashes(self) -> frozenset[str]:
+        """Hashes of every version this reader reads: later versions only add nullable columns,
+        so a part of an older version reads as the new schema with those columns null."""
+        return frozenset(self.hash_at(v) for v in range(1, self.version + 1))
 
     def dir(self, root: Path, replay: str | None = None) -> Path:
         if "{replay}" in self.path:
@@ -115,11 +126,14 @@ def tables() -> dict[str, Table]:
         if p.stem == "trace":
             continue
         cols = tuple(
-            Column(c["name"], c["type"], bool(c.get("nullable", True)), c.get("description", ""), c.get("encoding"))
+            Column(c["name"], c["type"], bool(c.get("nullable", True)), c.get("description", ""), c.get("encoding"),
+                   int(c.get("since", 1)))
             for c in d["columns"]
         )
         for c in cols:
             arrow_type(c.type)  # fail early on a typo in schemas/
+            if c.since > 1 and not c.nullable:
+                raise ValueError(f"schemas/{p.name}: column {c.name!r} added in version {c.since} must be nullable")
         out[d["name"]] = Table(
             name=d["name"],
             version=int(d["version"]),
@@ -157,6 +171,11 @@ def markdown() -> str:
         "atomically (hidden temp file, fsync, rename); readers glob `*.parquet`. Floats are float32; "
         "encodings per column below (zstd level 1 for all).",
         "",
+        "Tables evolve additively: a new table version may only add nullable columns (marked "
+        "*since vN* below). Readers accept a trace whose manifest holds the hash of any earlier "
+        "version of a table and read its older parts with the new columns null; any other change "
+        "bumps the format version.",
+        "",
         "## trace.json",
         "",
         m["description"],
@@ -175,5 +194,5 @@ def markdown() -> str:
         out += ["", "| column | type | null | encoding | description |", "|---|---|---|---|---|"]
         for c in t.columns:
             out.append(f"| `{c.name}` | {c.type} | {'yes' if c.nullable else 'no'} | {c.encoding or ''} | "
-                       f"{c.description} |")
+                       f"{c.description}{f' *(since v{c.since})*' if c.since > 1 else ''} |")
     return "\n".join(out) + "\n"

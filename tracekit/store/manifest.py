@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import TraceFormatError
-from ..schema import FORMAT_NAME, FORMAT_VERSION, schema_hashes
+from ..schema import FORMAT_NAME, FORMAT_VERSION, schema_hashes, tables
 from .parquet import fsync_dir
 
 MANIFEST = "trace.json"
@@ -61,12 +61,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
     hashes = m.get("schema_hashes")
     if not isinstance(hashes, dict):
         raise TraceFormatError(f"{path}: corrupt manifest (schema_hashes missing)")
-    ours = schema_hashes()
+    ours = tables()
     for name, h in hashes.items():
-        if name in ours and h != ours[name]:
+        if name in ours and h not in ours[name].readable_hashes:
             raise TraceFormatError(
                 f"{path}: table {name!r} was written with a different schema than this tracekit's "
-                f"(hash {str(h)[:12]} != {ours[name][:12]}) at the same format version"
+                f"(hash {str(h)[:12]} != {ours[name].hash[:12]}) at the same format version"
             )
     return m
 
