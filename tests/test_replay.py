@@ -76,6 +76,28 @@ def deltas(root: Path, name: str, col: str = "logprob") -> dict[int, np.ndarray]
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
 
+def assert_recorded_copy(root: Path, name: str) -> None:
+    """The replay's copy of the recorded values is exact, and the compare views read it (no join)
+    with the same numbers as the hash join of tokens and replay_tokens."""
+    from tracekit.compare import views
+
+    bad = q(root, "SELECT count(*) FROM replay_tokens x LEFT JOIN tokens t USING (request_id, pos) "
+                  f"WHERE x.replay = '{name}' AND (x.recorded_logprob IS DISTINCT FROM t.logprob "
+                  "OR x.recorded_weight_version IS DISTINCT FROM t.weight_version)")[0][0]
+    assert bad == 0
+    t = Trace(root)
+    src = views.source_sql(t)
+    for a, b in (("recorded", f"replay:{name}"), (f"replay:{name}:processed", "recorded")):
+        fast = views.pairs_sql(t, a, b)
+        assert " JOIN " not in fast and "recorded_logprob" in fast
+        for by in ("step", "weight_version"):
+            got = t.query(views.diff_by_sql(fast, by))
+            want = t.query(views.diff_by_sql(views.join_pairs_sql(src[a], src[b]), by))
+            assert [r[:3] for r in got] == [r[:3] for r in want]  # keys, requests, tokens
+            for g, w in zip(got, want):
+                assert g[3:] == pytest.approx(w[3:], rel=1e-12, abs=1e-15, nan_ok=True)
+
+
 @pytest.fixture(scope="module")
 def same(recorded: dict[str, Any]) -> Any:
     """Score replay with no overrides (in-process engine, as conftest sets)."""
@@ -104,6 +126,7 @@ def test_same_version_score_replay_reproduces_recorded_logprobs(recorded: dict[s
     # T=1 with no truncation: processed == raw; otherwise the full distribution was used.
     n_null = q(root, "SELECT count(*) FROM replay_tokens WHERE replay='same' AND processed_logprob IS NULL")[0][0]
     assert n_null == 0
+    assert_recorded_copy(root, "same")
 
 
 def test_logprobs_mode_switch_changes_exactly_the_processed_tokens(recorded: dict[str, Any], same: Any) -> None:
@@ -216,6 +239,7 @@ def test_sharded_reference_replay_covers_every_request_once(recorded: dict[str, 
     dup = q(root, "SELECT count(*) FROM (SELECT request_id, pos FROM replay_tokens WHERE replay='sh' "
                   "GROUP BY ALL HAVING count(*) > 1)")[0][0]
     assert dup == 0
+    assert_recorded_copy(root, "sh")
     again = replay(root, "sh", mode="reference", shard="1/2", progress=False, resume=True)
     assert again.requests_ok == 0 and again.requests_already_done == b.requests_ok
 
@@ -250,6 +274,7 @@ def test_resume_after_kill_has_no_duplicated_or_lost_rows(recorded: dict[str, An
     assert tok == (total, total)
     d = deltas(root, "kill")
     assert max(float(np.abs(x).max()) for x in d.values()) <= SAME_TOL
+    assert_recorded_copy(root, "kill")
 
 
 def test_bad_engine_args_exit_2_with_one_line(recorded: dict[str, Any]) -> None:

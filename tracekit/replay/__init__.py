@@ -143,6 +143,9 @@ def replay(
         "base_engine_id": plan.base_engine and plan.base_engine.get("engine_id"),
         "recorded_engine_args": recorded, "overrides": {"engine_args": overrides, "hf_overrides": hf},
         "python": py,
+        # Every replay_tokens row carries the recorded logprob/weight version at its position: the
+        # compare views then read this replay alone for recorded-vs-replay (tracekit/compare/views.py).
+        "recorded_copy": True,
     }
     rdir = root / "replays" / name
     if resume or plan.shard:
@@ -288,9 +291,11 @@ def _cleanup_orphans(trace: Any, name: str, shard: tuple[int, int] | None) -> No
             os.replace(part, dest / part.name)
 
 
-def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseException]) -> None:
+def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseException],
+          recorded: dict[int, Any]) -> None:
     """Feeder thread: stream 'load' / 'chunk' / 'end' frames to the worker (the pipe blocks
-    when the worker is behind, which bounds memory on both sides)."""
+    when the worker is behind, which bounds memory on both sides). Each request's recorded
+    values stay here, in ``recorded``, until its result is committed."""
     from .plan import iter_requests
     from .worker import send
 
@@ -299,6 +304,8 @@ def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseExcept
             if g.tensors:
                 send(stdin, {"type": "load", "version": g.version, "tensors": g.tensors})
             for batch in iter_requests(trace, g, max(1, int(chunk))):
+                for req in batch:
+                    recorded[req["request_id"]] = req.pop("recorded")
                 send(stdin, {"type": "chunk", "version": g.version, "requests": batch})
         send(stdin, {"type": "end"})
     except BrokenPipeError:
@@ -336,7 +343,8 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
         )
     os.close(wfd)
     feed_errors: list[BaseException] = []
-    feeder = threading.Thread(target=_feed, args=(proc.stdin, trace, plan, chunk, feed_errors),
+    recorded: dict[int, Any] = {}  # request_id -> plan.Recorded, from feeding to commit
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, trace, plan, chunk, feed_errors, recorded),
                               name="tracekit-replay-feed", daemon=True)
     feeder.start()
     engine_id = uuid.uuid4().hex[:16]
@@ -352,7 +360,7 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
                 if kind == "result":
                     pending.append(msg)
                 elif kind == "chunk_end":
-                    ntok = _commit(writer, pending, name, mode, shard_s, engine_id, res)
+                    ntok = _commit(writer, pending, name, mode, shard_s, engine_id, res, recorded)
                     res.timeline.append((time.monotonic(), res.tokens))
                     bar.advance(len(pending), ntok)
                     pending = []
@@ -442,15 +450,26 @@ class _Progress:
 
 
 def _commit(writer: Any, results: list[dict[str, Any]], name: str, mode: str, shard_s: str | None,
-            engine_id: str, res: ReplayResult) -> int:
-    """Tokens part first (flushed), then the ledger part: never a ledger row without its tokens."""
+            engine_id: str, res: ReplayResult, recorded: dict[int, Any]) -> int:
+    """Tokens part first (flushed), then the ledger part: never a ledger row without its tokens.
+
+    Each row also carries the recorded logprob and weight version at its (request_id, pos), so
+    that recorded-vs-replay queries scan this table alone (docs/benchmarks.md, "Query")."""
     import numpy as np
 
     if not results:
         return 0
-    rid, pos, tok, lp, plp, ent, wv = [], [], [], [], [], [], []
+    rid, pos, tok, lp, plp, ent, wv, rlp, rwv = [], [], [], [], [], [], [], [], []
     for r in results:
         n = len(r["token_id"])
+        rec = recorded.pop(r["request_id"], None)
+        if rec is not None:
+            a, b = rec.aligned(n)
+            rlp.extend(a)
+            rwv.extend(b)
+        else:  # not fed by this process (cannot happen today): leave the copy null, never guess
+            rlp.extend([None] * n)
+            rwv.extend([None] * n)
         rid.extend([r["request_id"]] * n)
         pos.extend(range(n))
         tok.extend(r["token_id"])
@@ -462,7 +481,8 @@ def _commit(writer: Any, results: list[dict[str, Any]], name: str, mode: str, sh
         writer.write_columns("replay_tokens", {
             "request_id": np.asarray(rid, dtype=np.int64), "pos": np.asarray(pos, dtype=np.int32),
             "token_id": np.asarray(tok, dtype=np.int32), "logprob": lp, "processed_logprob": plp,
-            "entropy": ent, "weight_version": wv}, replay=name)
+            "entropy": ent, "weight_version": wv, "recorded_logprob": rlp,
+            "recorded_weight_version": rwv}, replay=name)
         if not writer.flush(timeout=600):
             raise ReplayError("trace writer did not flush replay tokens within 600 s")
     now = _now()

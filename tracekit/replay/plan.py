@@ -111,19 +111,21 @@ LEFT JOIN (SELECT request_id, arg_min(weight_version, pos) AS v0, count(*) AS n
 ORDER BY r.request_id
 """
 
-# Payloads of the requests listed in the registered table ``_tk_ids``, in request_id order.
+# Payloads of the requests listed in the registered table ``_tk_ids``, in request_id order, with
+# the recorded per-token logprob and weight version (the parent copies them next to the replay's
+# own values; they never go to the worker).
 _PAYLOAD_SQL = """
 SELECT r.request_id, r.prompt_token_ids,
        coalesce(r.output_token_ids, t.ids) AS output,
+       t.pos AS recorded_pos, t.lps AS recorded_logprob, t.wvs AS recorded_weight_version,
        r.sampling_resolved, r.temperature, r.top_p, r.top_k, r.min_p, r.seed, r.max_tokens
 FROM requests r SEMI JOIN _tk_ids USING (request_id)
-LEFT JOIN (SELECT request_id, list(token_id ORDER BY pos) AS ids FROM tokens
-           WHERE request_id IN (SELECT request_id FROM requests SEMI JOIN _tk_ids USING (request_id)
-                                WHERE output_token_ids IS NULL)
+LEFT JOIN (SELECT request_id, list(token_id ORDER BY pos) AS ids, list(pos ORDER BY pos) AS pos,
+                  list(logprob ORDER BY pos) AS lps, list(weight_version ORDER BY pos) AS wvs
+           FROM tokens SEMI JOIN _tk_ids USING (request_id)
            GROUP BY request_id) t USING (request_id)
 ORDER BY r.request_id
 """
-
 
 
 def ledger_ids(con: Any, name: str) -> set[int]:
@@ -259,7 +261,28 @@ def _request(r: dict[str, Any]) -> dict[str, Any]:
         "output": [int(x) for x in (r["output"] or [])],
         "sampling": s,
         **scal,
+        "recorded": Recorded(r["recorded_pos"] or [], r["recorded_logprob"] or [], r["recorded_weight_version"] or []),
     }
+
+
+class Recorded:
+    """The recording's per-token values of one request, looked up by position."""
+
+    __slots__ = ("logprob", "pos", "weight_version")
+
+    def __init__(self, pos: list[int], logprob: list[float | None], weight_version: list[int | None]) -> None:
+        self.pos, self.logprob, self.weight_version = pos, logprob, weight_version
+
+    def aligned(self, n: int) -> tuple[list[float | None], list[int | None]]:
+        """(logprob, weight_version) at positions 0..n-1, None where the recording has no token."""
+        if len(self.pos) >= n and (n == 0 or self.pos[n - 1] == n - 1):  # dense 0..len-1 (always, for our writer)
+            return self.logprob[:n], self.weight_version[:n]
+        lp: list[float | None] = [None] * n
+        wv: list[int | None] = [None] * n
+        for p, x, v in zip(self.pos, self.logprob, self.weight_version):
+            if 0 <= p < n:
+                lp[p], wv[p] = x, v
+        return lp, wv
 
 
 def _json(v: Any) -> Any:
