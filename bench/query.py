@@ -63,13 +63,15 @@ def generate(root: Path, total: int, *, seed: int = 0, chunk: int = CHUNK) -> di
     """Write the synthetic trace; returns per-chunk token counts (for sub-traces) and timings."""
     if root.exists():
         shutil.rmtree(root)
-    ensure_manifest(root, {"bench": "query.py synthetic"})
+    trace_id = ensure_manifest(root, {"bench": "query.py synthetic"})["trace_id"]
     t_req, t_tok, t_rep = (get_table(n) for n in ("requests", "tokens", "replay_tokens"))
     for name, order in (("bench", f"{SHARDS} shards, parts not in the recording's order"),
                         ("aligned", "same row order as tokens/")):
         d = root / "replays" / name
         d.mkdir(parents=True)
-        (d / "replay.json").write_text(json.dumps({"name": name, "mode": "score", "note": order}))
+        # As tracekit's replayer writes it: rows carry the recorded values (recorded_copy).
+        (d / "replay.json").write_text(json.dumps({"name": name, "mode": "score", "note": order,
+                                                   "trace_id": trace_id, "recorded_copy": True}))
     t0 = time.perf_counter()
     counts = []
     for i, c in enumerate(synth_chunks(total, seed=seed, chunk_tokens=chunk)):
@@ -87,7 +89,8 @@ def generate(root: Path, total: int, *, seed: int = 0, chunk: int = CHUNK) -> di
                     "weight_version": c.weight_version}
         write_part_atomic(_arrow("tokens", {**tok_cols, "logprob": c.logprob}, ntok), t_tok,
                           root / "tokens" / f"part-{i:05d}.parquet")
-        rep = _arrow("replay_tokens", {**tok_cols, "logprob": c.replay_logprob}, ntok)
+        rep = _arrow("replay_tokens", {**tok_cols, "logprob": c.replay_logprob, "recorded_logprob": c.logprob,
+                                        "recorded_weight_version": c.weight_version}, ntok)
         write_part_atomic(rep, t_rep, root / "replays" / "aligned" / "tokens" / f"part-{i:05d}.parquet")
         # Sharded replay: request k goes to shard k % SHARDS; shard files sort after each other,
         # so the dataset's row order differs from tokens/ (as after a sharded or resumed replay).

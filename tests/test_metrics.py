@@ -209,3 +209,90 @@ def test_empty_trace_gives_no_tokens(tmp_path: Path) -> None:
     t = make_trace(tmp_path / "e", [], {})
     m = metrics.overall(t, "recorded", "trainer")
     assert m.tokens == 0 and m.mean_abs_delta is None and m.clip_rate is None
+
+
+def _close(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> bool:
+    """Same rows up to float summation order."""
+    return len(got) == len(want) and all(g == pytest.approx(w, nan_ok=True) for g, w in zip(got, want))
+
+
+def _copied_replay(t: Trace, name: str, recorded: dict[int, list[float]], replayed: dict[int, list[tuple[float | None, float | None]]],
+                   versions: dict[int, int], *, flag: bool = True, trace_id: str | None = None) -> None:
+    """A replay as tracekit's replayer writes it: rows carry the recorded logprob/weight version."""
+    import json
+
+    rw = TraceWriter(t.root, kind="replay", flush_interval=60)
+    for rid, pairs in replayed.items():
+        rec = recorded.get(rid, [])
+        rw.write("replay_tokens", [
+            {"request_id": rid, "pos": i, "token_id": 7, "logprob": raw, "processed_logprob": proc,
+             "recorded_logprob": rec[i] if i < len(rec) else None,
+             "recorded_weight_version": versions.get(rid) if i < len(rec) else None, "weight_version": 9}
+            for i, (raw, proc) in enumerate(pairs)], replay=name)
+    rw.close()
+    meta = {"name": name, "mode": "score", "trace_id": trace_id or t.manifest["trace_id"]}
+    if flag:
+        meta["recorded_copy"] = True
+    (t.root / "replays" / name / "replay.json").write_text(json.dumps(meta))
+
+
+def test_recorded_copy_reads_one_replay_and_equals_the_hash_join(tmp_path: Path) -> None:
+    """recorded vs a replay that copied the recorded values: no join, same numbers as the hash
+    join for every grouping key and both orders; a copy made in another trace (counterfactual
+    scratch) or without the flag is never trusted; the SQL macros prune to the same path."""
+    from tracekit.compare import views
+
+    reqs = [{"request_id": i, "step": i % 2, "group_id": f"g{i % 3}", "sample_idx": 0, "temperature": 1.0} for i in range(1, 6)]
+    recorded = {1: [-1.0, -2.0, -0.5], 2: [-0.3, NEG_INF], 3: [-0.1, -4.0, -1.2, -0.7], 5: [-2.5]}
+    versions = {1: 0, 2: 0, 3: 1, 5: 1}
+    t = make_trace(tmp_path / "t", reqs, recorded, token_versions=versions)
+    # Replay rows beyond the recording (regenerate) and a missing request (4 was never recorded).
+    rep = {1: [(-1.1, -1.0), (-2.0, None), (-0.2, -0.2), (-3.0, -3.0)], 2: [(-0.3, -0.3), (NEG_INF, NEG_INF)],
+           3: [(-0.1, -0.1), (-3.0, -2.9), (-1.2, -1.1), (-0.9, -0.9)], 4: [(-1.0, -1.0)]}
+    for name, kw in (("c", {}), ("h", {"flag": False}), ("x", {"trace_id": "another-trace"})):
+        _copied_replay(t, name, recorded, rep, versions, **kw)
+    t = Trace(t.root)
+    copied = views.copied_pairs_sql(t)
+    assert set(copied) == {("recorded", "replay:c"), ("replay:c", "recorded"),
+                           ("recorded", "replay:c:processed"), ("replay:c:processed", "recorded")}
+    con = t.connect(read_only=True)
+    for suffix in ("", ":processed"):
+        for a, b in (("recorded", f"replay:c{suffix}"), (f"replay:c{suffix}", "recorded")):
+            a_h, b_h = (x.replace("replay:c", "replay:h") for x in (a, b))
+            for by in metrics.AGG_KEYS:
+                cols, got = metrics.diff(t, a, b, by=by)
+                _, want = metrics.diff(t, a_h, b_h, by=by)  # not flagged: the hash join
+                assert _close(got, want), (a, b, by)
+                assert _close(con.execute(f"SELECT * FROM diff_by_{by}('{a}', '{b}')").fetchall(), got)
+    m = metrics.overall(t, "recorded", "replay:c")
+    assert m.tokens == 9 and m.requests == 3  # 4 has no recorded tokens; 1's 4th token is not recorded; 5 not replayed
+    # Token-keyed grouping uses the recorded weight version first, as the join does.
+    assert [r[0] for r in metrics.diff(t, "recorded", "replay:c", by="weight_version")[1]] == [0, 1]
+    # The macro's pair union: with the copy, the only join left is request_info's (per request).
+    def joins(a: str, b: str) -> int:
+        plan = "\n".join(r[1] for r in con.execute(f"EXPLAIN SELECT * FROM diff_by_all('{a}', '{b}')").fetchall())
+        return plan.upper().replace(" ", "_").count("HASH_JOIN")
+
+    assert joins("recorded", "replay:h") == joins("recorded", "replay:c") + 1 >= 2
+
+
+def test_manifest_with_an_older_table_version_is_readable(tmp_path: Path) -> None:
+    """Additive evolution: a trace whose manifest holds replay_tokens v1's hash opens; an unknown
+    hash is refused with one line."""
+    import json
+
+    from tracekit.errors import TraceFormatError
+    from tracekit.schema import table
+
+    t = make_trace(tmp_path / "t", [{"request_id": 1, "step": 0}], {1: [-1.0]})
+    rt = table("replay_tokens")
+    assert rt.version >= 2 and rt.hash_at(1) in rt.readable_hashes and rt.hash_at(1) != rt.hash
+    p = t.root / "trace.json"
+    m = json.loads(p.read_text())
+    m["schema_hashes"]["replay_tokens"] = rt.hash_at(1)
+    p.write_text(json.dumps(m))
+    assert metrics.overall(Trace(t.root), "recorded", "recorded").tokens == 1
+    m["schema_hashes"]["replay_tokens"] = "0" * 64
+    p.write_text(json.dumps(m))
+    with pytest.raises(TraceFormatError, match="different schema"):
+        Trace(t.root)

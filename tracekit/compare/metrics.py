@@ -76,7 +76,8 @@ def diff_sql(trace: Trace, a: str, b: str, by: str = "step", eps: float = DEFAUL
     """The SQL `tracekit diff` runs: direct scans of the two sources, no union view."""
     if by not in AGG_KEYS:
         raise QueryError(f"--by must be one of {', '.join(AGG_KEYS)}, not {by!r}")
-    return views.diff_by_sql(resolve_source(trace, a), resolve_source(trace, b), by, eps)
+    resolve_source(trace, a), resolve_source(trace, b)  # QueryError for an unknown name
+    return views.diff_by_sql(views.pairs_sql(trace, a, b), by, eps)
 
 
 def diff(
