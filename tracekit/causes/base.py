@@ -7,6 +7,7 @@ builds the ablation ladder from their ``ablation`` (in ``order``), and asks each
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,7 @@ class Verdict:
     reason: str
 
 
-class Cause:
+class Cause(ABC):
     """Base class of a cause module's ``CAUSE``."""
 
     id: str = ""
@@ -69,8 +70,9 @@ class Cause:
         """The ladder rung that removes this cause, or None when it cannot apply to this trace."""
         return None
 
+    @abstractmethod
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
-        raise NotImplementedError
+        """The verdict from the signatures and, when it ran, the ablation rung."""
 
     def fix_for(self, ctx: Context, evidence: list[Evidence]) -> str:
         """The exact fix; may depend on what the evidence found."""

@@ -16,6 +16,7 @@ interpreter and feature-detect the installed vLLM (0.27.1 and 0.32.0 differ).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -88,7 +89,7 @@ def _token_logprob(lp: Any, i: int, token: int) -> float | None:
     return None if x is None else x.logprob
 
 
-class Runner:
+class Runner(ABC):
     """Base class for vLLM-backed modes."""
 
     name = ""
@@ -116,8 +117,9 @@ class Runner:
     def generate(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
+    @abstractmethod
     def run(self, reqs: list[dict[str, Any]], version: Any) -> Iterator[dict[str, Any]]:
-        raise NotImplementedError
+        """One result dict per request of ``reqs``, replayed under weight ``version``."""
 
 
 class ScoreRunner(Runner):
