@@ -29,6 +29,7 @@ from .causes import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, al
 from .compare.metrics import Metrics, finite_or_str, overall
 from .errors import TracekitError
 from .store.reader import Trace
+from .store.reader import json_value as _json
 
 ATTR_PREFIX = "attr-"
 
@@ -220,15 +221,6 @@ VLLM_SAMPLING_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
 }
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return None
-    return v
 
 
 # ---------------------------------------------------------------------- context

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import TracekitError, WeightsError
 from ..store.reader import Trace
+from ..store.reader import json_value as _json
 
 # Fingerprint columns that map 1:1 onto vLLM engine args of the same name.
 _DIRECT_ARGS = ("dtype", "logprobs_mode", "enable_prefix_caching", "block_size", "max_model_len",
@@ -283,15 +284,6 @@ class Recorded:
             if 0 <= p < n:
                 lp[p], wv[p] = x, v
         return lp, wv
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
-    return v
 
 
 def recorded_engine_args(fp: dict[str, Any] | None) -> dict[str, Any]:

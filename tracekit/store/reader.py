@@ -204,3 +204,14 @@ def one_line(e: BaseException) -> str:
 
 def open_trace(root: str | Path) -> Trace:
     return Trace(root)
+
+
+def json_value(v: Any) -> Any:
+    """A JSON column's value (sampling params, engine args, ...): parsed when it is a string,
+    None when that string is not valid JSON (a damaged row must not stop a replay or a report)."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return None
+    return v
