@@ -4,10 +4,12 @@
    completions, realistic logprobs) in tracekit's layout with tracekit's own Parquet settings
    (``write_part_atomic``): ``requests/``, ``tokens/``, and two replays of the same tokens with
    small perturbations: ``replays/bench`` written as 2 shards (rows NOT in the recording's order,
-   like a sharded/resumed replay) and ``replays/aligned`` (same row order as ``tokens/``).
+   like a sharded/resumed replay) and ``replays/aligned`` (same row order as ``tokens/``). Like
+   tracekit's replayer, both carry the recorded logprob/weight version (``recorded_copy``).
 2. Runs the query in DuckDB (2 threads, ``memory_limit``) at several sizes (sub-traces made of
-   the first parts, symlinked) with several join strategies, and the shipped view
-   (``diff_by_step('recorded', 'replay:bench')`` on ``Trace.connect``).
+   the first parts, symlinked): the shipped view (``diff_by_step('recorded', 'replay:bench')``
+   on ``Trace.connect``, which reads the sharded replay alone thanks to the copy) and, for
+   comparison, hand-written join strategies over ``tokens`` and the replay.
 3. Runs the baseline RL teams use today on a size that fits: the same data as JSONL rollouts (one
    object per sample with token/logprob lists, recorded and replay files), ``pd.read_json`` +
    merge + explode + groupby, and checks both give the same per-step numbers.
@@ -206,7 +208,8 @@ def q_sliced(con: duckdb.DuckDBPyConnection, root: Path, slices: int) -> list[tu
 
 
 def q_shipped(con: duckdb.DuckDBPyConnection) -> list[tuple]:
-    """The product path: Trace.connect views + the attribution helper's diff_by_step macro."""
+    """The product path: Trace.connect views + diff_by_step, selecting the per-step attribution
+    columns (DuckDB prunes the macro's other aggregates)."""
     rows = con.execute(
         "SELECT step, tokens, mean_delta, clip_rate, k1, k3, seq_clip_rate "
         f"FROM diff_by_step('recorded', 'replay:bench', eps := {EPS}) ORDER BY step").fetchall()

@@ -26,7 +26,7 @@ from _common import fmt_table, machine_note
 MINE = {
     "ingest": (["--tokens", "8M"], ["--tokens", "2M"]),
     "size": (["--tokens", "4M"], ["--tokens", "1M"]),
-    "query": (["--tokens", "100M", "--sizes", "5M,25M", "--baseline", "5M"],
+    "query": (["--tokens", "100M", "--sizes", "5M,25M", "--baseline", "5M", "--strategies", "shipped,hash,sliced,positional"],
               ["--tokens", "10M", "--sizes", "2M", "--baseline", "2M", "--strategies", "shipped,hash,positional"]),
 }
 OTHERS = ["record_overhead", "replay_throughput"]
