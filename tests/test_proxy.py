@@ -63,7 +63,7 @@ def server(tiny_model, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model), "--host", "127.0.0.1",
          "--port", str(port), "--gpu-memory-utilization", "0.3", "--enforce-eager", "--dtype", "bfloat16",
-         "--seed", "0", "--max-model-len", "512", "--chat-template", str(tmpl)],
+         "--seed", "0", "--max-model-len", "512", "--chat-template", str(tmpl), "--enable-prompt-tokens-details"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(f"http://127.0.0.1:{port}/health", proc, 600)
@@ -154,3 +154,48 @@ def test_proxy_trace_equals_api_path_trace(proxy, engine_pool, tiny_model, tmp_p
                                         "temperature": 0.8, "stream": s % 2 == 0})
     _stop(proc)
     assert_same_content(_rows(trace), _api_trace(engine_pool, tiny_model, tmp_path / "api"))
+
+
+def test_proxy_records_top_k_like_the_api_path(proxy, engine_pool, tiny_model, tmp_path):
+    """Top-k over HTTP equals the API path's when the server renders tokens as ``token_id:N``
+    (the client's return_tokens_as_token_ids, streaming or not); null for text pieces, which
+    are not invertible (and collide in the completions dict: this tiny tokenizer shows it)."""
+    from vllm import SamplingParams
+
+    import tracekit
+
+    base, trace, proc = proxy
+    m, prompt = str(tiny_model), PROMPTS[0]
+    bodies = [{"model": m, "prompt": prompt, "max_tokens": 6, "seed": 5, "temperature": 0.9, "logprobs": 3,
+               "return_tokens_as_token_ids": True},
+              {"model": m, "prompt": prompt, "max_tokens": 6, "seed": 5, "temperature": 0.9, "logprobs": 3,
+               "stream": True, "stream_options": {"include_usage": True}, "return_tokens_as_token_ids": True},
+              {"model": m, "prompt": prompt, "max_tokens": 6, "seed": 5, "temperature": 0.9, "logprobs": 3}]
+    for body in bodies:
+        _call(base, "/v1/completions", body)
+    _stop(proc)
+    llm = engine_pool(tiny_model)
+    rec = tracekit.Recorder(tmp_path / "api")
+    rec.wrap(llm)
+    llm.generate([prompt], SamplingParams(temperature=0.9, max_tokens=6, seed=5, logprobs=3), use_tqdm=False)
+    rec.close()
+    for name in ("generate", "chat", "collective_rpc", "_tracekit_recorder", "_tracekit_hooks"):
+        llm.__dict__.pop(name, None)
+    sql = ("SELECT any_value(r.extra), any_value(r.output_token_ids), list(t.top_token_ids ORDER BY t.pos), "
+           "list(t.top_logprobs ORDER BY t.pos) FROM requests r JOIN tokens t USING (request_id) "
+           "GROUP BY r.request_id ORDER BY any_value(r.t_submit)")
+    api = Trace(tmp_path / "api").query(sql)
+    got = Trace(trace).query(sql)
+    assert len(api) == 1 and len(got) == 3
+    _, ids, top_ids, top_lps = api[0]
+    assert all(len(x) == 3 for x in top_ids)
+    for k, (_, out, tids, tlps) in enumerate(got):
+        assert out == ids
+        if k < 2:
+            assert tids == top_ids
+            assert [x == pytest.approx(y, abs=1e-5) for x, y in zip(tlps, top_lps)] == [True] * 6
+        else:
+            assert tids == tlps == [None] * 6
+    # usage.prompt_tokens_details.cached_tokens (the server runs with --enable-prompt-tokens-details)
+    cached = [r[0] for r in Trace(trace).query("SELECT num_cached_tokens FROM requests")]
+    assert len(cached) == 3 and all(isinstance(c, int) and c >= 0 for c in cached)

@@ -73,11 +73,13 @@ class _Plan:
 
 
 class _Choice:
-    __slots__ = ("finish", "ids", "lps", "stop", "t_first")
+    __slots__ = ("finish", "ids", "lps", "stop", "t_first", "top_ids", "top_lps")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.lps: list[float | None] = []
+        self.top_ids: list[list[int] | None] = []
+        self.top_lps: list[list[float] | None] = []
         self.finish: str | None = None
         self.stop: Any = None
         self.t_first: Any = None
@@ -214,6 +216,7 @@ class RecordingProxy:
             state: dict[str, Any] = {"choices": {}, "prompt": None, "id": obj.get("id")}
             if plan.kind == "chat":
                 state["prompt"] = obj.get("prompt_token_ids")
+            _cached_tokens(obj, state)
             for ch in obj.get("choices") or []:
                 c = state["choices"].setdefault(ch.get("index", 0), _Choice())
                 if plan.kind == "completion" and state["prompt"] is None:
@@ -234,12 +237,21 @@ class RecordingProxy:
         c.ids.extend(ids)
         lp = ch.get("logprobs")
         if plan.kind == "chat":
-            vals = [e.get("logprob") for e in (lp or {}).get("content") or []]
+            content = (lp or {}).get("content") or []
+            vals = [e.get("logprob") for e in content]
+            tops = [[(t.get("token"), t.get("logprob")) for t in e.get("top_logprobs") or []] for e in content]
         else:
             vals = list((lp or {}).get("token_logprobs") or [])
+            tops = [list((d or {}).items()) for d in (lp or {}).get("top_logprobs") or []]
         if ids:  # echo prompts carry prompt logprobs first: keep the generated tail
             vals = vals[-len(ids):] if len(vals) >= len(ids) else vals + [None] * (len(ids) - len(vals))
+            tops = tops[-len(ids):] if len(tops) >= len(ids) else tops + [[]] * (len(ids) - len(tops))
         c.lps.extend(vals)
+        if plan.client_k:
+            for entries in tops:
+                i, v = _top_k(entries, plan.client_k)
+                c.top_ids.append(i)
+                c.top_lps.append(v)
         if ch.get("finish_reason") is not None:
             c.finish, c.stop = ch.get("finish_reason"), ch.get("stop_reason")
 
@@ -254,6 +266,7 @@ class RecordingProxy:
             state["id"] = state["id"] or obj.get("id")
             if plan.kind == "chat" and obj.get("prompt_token_ids") is not None:
                 state["prompt"] = obj["prompt_token_ids"]
+            _cached_tokens(obj, state)
             for ch in obj.get("choices") or []:
                 if plan.kind == "completion" and ch.get("prompt_token_ids") is not None:
                     state["prompt"] = ch["prompt_token_ids"]
@@ -307,13 +320,45 @@ class RecordingProxy:
                     engine_request_id=state.get("id"), prompt_token_ids=prompt, output_token_ids=c.ids,
                     logprobs=c.lps[:n] + [None] * (n - len(c.lps)), token_versions=tv, version_start=v0,
                     version_end=v1, requested=plan.requested, resolved=resolved, num_logprobs=plan.client_k,
-                    finish_reason=c.finish or "abort", stop_reason=c.stop, num_cached_tokens=None, t_submit=t0,
+                    finish_reason=c.finish or "abort", stop_reason=c.stop, num_cached_tokens=state.get("cached"),
+                    top_token_ids=_pad(c.top_ids, n) if plan.client_k else None,
+                    top_logprobs=_pad(c.top_lps, n) if plan.client_k else None, t_submit=t0,
                     t_first_token=c.t_first if plan.stream else None, t_finish=t1, group_id=gid,
                     sample_idx=idx if multi else None, step=step,
                     extra={"endpoint": plan.kind, "stream": plan.stream},
                 )
         except Exception as e:
             self.recorder._count_error(f"proxy emit: {type(e).__name__}: {e}")
+
+
+def _pad(xs: list, n: int) -> list:
+    return xs[:n] + [None] * (n - len(xs))
+
+
+def _top_k(entries: list[tuple[Any, Any]], k: int) -> tuple[list[int] | None, list[float] | None]:
+    """The k best (token id, logprob) entries of one position, best first, or (None, None).
+
+    Only when the server renders tokens as ``token_id:N`` (the client's
+    ``return_tokens_as_token_ids``): text pieces are not invertible to ids, and the completions
+    API keys its top-k dict by text, so two tokens that decode alike silently collapse into one
+    entry. The completions dict also carries the sampled token when it is not in the top k;
+    sorting by logprob and keeping k drops it again."""
+    ids: list[int] = []
+    lps: list[float] = []
+    for tok, v in sorted((e for e in entries if isinstance(e[1], (int, float))), key=lambda e: -e[1])[:k]:
+        if not (isinstance(tok, str) and tok.startswith("token_id:") and tok[9:].lstrip("-").isdigit()):
+            return None, None
+        ids.append(int(tok[9:]))
+        lps.append(float(v))
+    return ids, lps
+
+
+def _cached_tokens(obj: dict, state: dict) -> None:
+    """usage.prompt_tokens_details.cached_tokens, when the server reports it
+    (``vllm serve --enable-prompt-tokens-details``; streams need include_usage)."""
+    d = (obj.get("usage") or {}).get("prompt_tokens_details") or {}
+    if isinstance(d, dict) and isinstance(d.get("cached_tokens"), int):
+        state["cached"] = d["cached_tokens"]
 
 
 def _strip(plan: _Plan, obj: dict) -> None:
