@@ -1,0 +1,118 @@
+"""Cheap sampled-token logprobs for requests the recorder itself added ``logprobs=0`` to.
+
+When the caller did not ask for logprobs, the recorder sends ``logprobs=0`` (flat container) and
+hides the result again. vLLM's front end (``LogprobsProcessor`` in the caller's process, both for
+in-process and multiprocess engines) then detokenizes every logprob entry (one ``decode`` per
+token, plus several more for byte-fallback tokens ending in U+FFFD) and walks each position in
+Python. Nobody reads those strings: the recorder only keeps the sampled token's float.
+
+``install()`` wraps ``LogprobsProcessor.from_new_request`` once. For a request whose sampling
+params carry ``extra_args[MARK]`` (set only by ``prepare_params`` on the clone it sends) and
+``logprobs == 0`` with a ``FlatLogprobs`` container, the processor gets no tokenizer and a
+vectorised update that appends the same floats vLLM would (``ndarray.tolist()`` of the same
+float32 row, so bitwise equal), with ``decoded_token=None``. Every other request keeps vLLM's own
+code. Anything unexpected (other vLLM layout, other shapes) falls back to vLLM's code path,
+silently; the install itself never raises.
+"""
+# ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
+
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any
+
+MARK = "tracekit_added_logprobs"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"installed": None}
+_orig_update: Any = None
+
+
+def _fast_update(self: Any, logprobs_lists: Any) -> None:
+    """vLLM's ``_update_sample_logprobs`` for logprobs=0 + FlatLogprobs, without per-position work."""
+    try:
+        token_ids_np, logprobs_np, ranks_np = logprobs_lists[0], logprobs_lists[1], logprobs_lists[2]
+        if logprobs_np.ndim != 2 or logprobs_np.shape[1] != 1 or token_ids_np.shape != logprobs_np.shape:
+            raise ValueError("not one logprob per position")
+        vals = logprobs_np[:, 0].tolist()
+        ids = token_ids_np[:, 0].tolist()
+        ranks = ranks_np.tolist()
+        if len(ranks) != len(vals):
+            raise ValueError("ranks")
+        flat = self.logprobs
+        n = len(vals)
+        base = len(flat.logprobs)
+        cum = self.cumulative_logprob
+    except Exception:
+        return _orig_update(self, logprobs_lists)
+    for v in vals:  # same left-to-right float sums as vLLM's loop
+        cum += v
+    self.cumulative_logprob = cum
+    flat.start_indices.extend(range(base, base + n))
+    flat.end_indices.extend(range(base + 1, base + n + 1))
+    flat.token_ids.extend(ids)
+    flat.logprobs.extend(vals)
+    flat.ranks.extend(ranks)
+    flat.decoded_tokens.extend([None] * n)
+
+
+def install() -> bool:
+    """Wrap vLLM's LogprobsProcessor once; True when the fast path is available."""
+    if _state["installed"] is not None:
+        return _state["installed"]
+    with _lock:
+        if _state["installed"] is not None:
+            return _state["installed"]
+        ok = False
+        try:
+            ok = _install()
+        except Exception:
+            ok = False
+        _state["installed"] = ok
+        return ok
+
+
+def _install() -> bool:
+    global _orig_update
+    from vllm.logprobs import FlatLogprobs
+    from vllm.v1.engine import logprobs as lpmod
+
+    cls = lpmod.LogprobsProcessor
+    if getattr(cls, "_tracekit_fastlp", False):
+        return True
+    orig_new = cls.__dict__.get("from_new_request")
+    orig_update = cls.__dict__.get("_update_sample_logprobs")
+    if not isinstance(orig_new, classmethod) or not callable(orig_update):
+        return False
+    fields = getattr(cls, "__dataclass_fields__", {})
+    if not {"tokenizer", "logprobs", "cumulative_logprob", "num_logprobs"} <= set(fields):
+        return False
+    flat_attrs = ("start_indices", "end_indices", "token_ids", "logprobs", "ranks", "decoded_tokens")
+    if not all(a in getattr(FlatLogprobs, "__dataclass_fields__", {}) for a in flat_attrs):
+        return False
+    new_func = orig_new.__func__
+    _orig_update = orig_update
+
+    def from_new_request(klass: Any, tokenizer: Any, request: Any, *a: Any, **kw: Any) -> Any:
+        proc = new_func(klass, tokenizer, request, *a, **kw)
+        try:
+            sp = request.sampling_params
+            ea = sp.extra_args
+            if ea and ea.get(MARK) and proc.num_logprobs == 0 and type(proc.logprobs) is FlatLogprobs \
+                    and not len(proc.logprobs):
+                proc.tokenizer = None  # even the fallback path then skips detokenization
+                proc._update_sample_logprobs = types.MethodType(_fast_update, proc)
+        except Exception:
+            pass
+        return proc
+
+    cls.from_new_request = classmethod(from_new_request)
+    cls._tracekit_fastlp = True
+    return True
+
+
+def mark(send: Any) -> None:
+    """Tag the engine-side clone of the params (the caller's object is never touched)."""
+    ea = getattr(send, "extra_args", None)
+    send.extra_args = {**ea, MARK: 1} if ea else {MARK: 1}
