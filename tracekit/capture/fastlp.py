@@ -30,22 +30,34 @@ _orig_update: Any = None
 
 
 def _fast_update(self: Any, logprobs_lists: Any) -> None:
-    """vLLM's ``_update_sample_logprobs`` for logprobs=0 + FlatLogprobs, without per-position work."""
+    """vLLM's ``_update_sample_logprobs`` for logprobs=0 + FlatLogprobs, without per-position work.
+
+    Same floats (``tolist()`` of the same float32 arrays), same token ids and ranks, same
+    left-to-right cumulative sum; ``decoded_token`` is None (nobody reads it). Shapes other than
+    one entry per position go to vLLM's own code.
+    """
     try:
-        token_ids_np, logprobs_np, ranks_np = logprobs_lists[0], logprobs_lists[1], logprobs_lists[2]
-        if logprobs_np.ndim != 2 or logprobs_np.shape[1] != 1 or token_ids_np.shape != logprobs_np.shape:
-            raise ValueError("not one logprob per position")
-        vals = logprobs_np[:, 0].tolist()
-        ids = token_ids_np[:, 0].tolist()
-        ranks = ranks_np.tolist()
-        if len(ranks) != len(vals):
-            raise ValueError("ranks")
-        flat = self.logprobs
+        vals = logprobs_lists[1].ravel().tolist()
+        ids = logprobs_lists[0].ravel().tolist()
+        ranks = logprobs_lists[2].tolist()
         n = len(vals)
-        base = len(flat.logprobs)
+        if n != len(ids) or n != len(ranks):
+            raise ValueError("not one logprob per position")
+        flat = self.logprobs
         cum = self.cumulative_logprob
+        base = len(flat.logprobs)
     except Exception:
         return _orig_update(self, logprobs_lists)
+    if n == 1:  # one new token per request per engine step: the common case
+        v = vals[0]
+        flat.start_indices.append(base)
+        flat.end_indices.append(base + 1)
+        flat.token_ids.append(ids[0])
+        flat.logprobs.append(v)
+        flat.ranks.append(ranks[0])
+        flat.decoded_tokens.append(None)
+        self.cumulative_logprob = cum + v
+        return None
     for v in vals:  # same left-to-right float sums as vLLM's loop
         cum += v
     self.cumulative_logprob = cum
@@ -55,6 +67,7 @@ def _fast_update(self: Any, logprobs_lists: Any) -> None:
     flat.logprobs.extend(vals)
     flat.ranks.extend(ranks)
     flat.decoded_tokens.extend([None] * n)
+    return None
 
 
 def install() -> bool:
