@@ -63,6 +63,19 @@ def main() -> None:
         print(f"warm-up {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
     t_plain, t_rec, c_plain, c_rec, t_lp, c_lp = [], [], [], [], [], []
     m_cpu: dict[str, float] = {"plain": 0.0, "lp": 0.0, "rec": 0.0}  # main thread only (no OpenMP workers)
+    gc_s: dict[str, float] = {"plain": 0.0, "lp": 0.0, "rec": 0.0}  # cyclic GC pauses (main thread)
+    gc_t0 = [0.0]
+
+    def _gc_cb(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        elif cur[0] is not None:
+            gc_s[cur[0]] += time.perf_counter() - gc_t0[0]
+
+    cur: list[str | None] = [None]
+    import gc
+
+    gc.callbacks.append(_gc_cb)
     wclock = _thread_clock(rec.writer._thread)
     w0 = time.clock_gettime(wclock) if wclock is not None else None
     for r in range(a.rounds):
@@ -71,7 +84,9 @@ def main() -> None:
             order.reverse()
         for fn, params, acc, cacc, name in order:
             c0, t0, m0 = time.process_time(), time.perf_counter(), time.thread_time()
+            cur[0] = name
             fn(prompts, params, use_tqdm=False)
+            cur[0] = None
             acc.append(time.perf_counter() - t0)
             cacc.append(time.process_time() - c0)  # all threads of this process, writer included
             m_cpu[name] += time.thread_time() - m0
@@ -99,6 +114,7 @@ def main() -> None:
           f"{m_cpu['lp']:.2f} s ({100 * (m_cpu['lp'] / m_cpu['plain'] - 1):+.2f} %), recorded {m_cpu['rec']:.2f} s "
           f"({100 * (m_cpu['rec'] / m_cpu['lp'] - 1):+.2f} % vs logprobs=0); writer thread {w_cpu:.2f} s "
           f"= {100 * w_cpu / sum(c_plain):.2f} % of plain CPU")
+    print(f"GC pauses: plain {gc_s['plain']:.2f} s, logprobs=0 {gc_s['lp']:.2f} s, recorded {gc_s['rec']:.2f} s")
     print(f"trace    : {st.rows_written.get('tokens', 0):,} tokens written, {st.dropped} rows dropped")
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()

@@ -32,32 +32,37 @@ _orig_update: Any = None
 def _fast_update(self: Any, logprobs_lists: Any) -> None:
     """vLLM's ``_update_sample_logprobs`` for logprobs=0 + FlatLogprobs, without per-position work.
 
-    Same floats (``tolist()`` of the same float32 arrays), same token ids and ranks, same
+    Same floats (``item()``/``tolist()`` of the same float32 arrays), same token ids and ranks, same
     left-to-right cumulative sum; ``decoded_token`` is None (nobody reads it). Shapes other than
     one entry per position go to vLLM's own code.
     """
     try:
-        vals = logprobs_lists[1].ravel().tolist()
-        ids = logprobs_lists[0].ravel().tolist()
-        ranks = logprobs_lists[2].tolist()
-        n = len(vals)
-        if n != len(ids) or n != len(ranks):
-            raise ValueError("not one logprob per position")
+        lp_np, ids_np, ranks_np = logprobs_lists[1], logprobs_lists[0], logprobs_lists[2]
         flat = self.logprobs
         cum = self.cumulative_logprob
         base = len(flat.logprobs)
+        if lp_np.size == 1 and ids_np.size == 1 and ranks_np.size == 1:
+            # one new token per request per engine step: the common case. ndarray.item() gives
+            # the same Python float as vLLM's tolist()[0] (exact float32 -> float64 widening).
+            v = lp_np.item()
+            t = ids_np.item()
+            r = ranks_np.item()
+            flat.start_indices.append(base)
+            flat.end_indices.append(base + 1)
+            flat.token_ids.append(t)
+            flat.logprobs.append(v)
+            flat.ranks.append(r)
+            flat.decoded_tokens.append(None)
+            self.cumulative_logprob = cum + v
+            return None
+        vals = lp_np.ravel().tolist()
+        ids = ids_np.ravel().tolist()
+        ranks = ranks_np.tolist()
+        n = len(vals)
+        if n != len(ids) or n != len(ranks):
+            raise ValueError("not one logprob per position")
     except Exception:
         return _orig_update(self, logprobs_lists)
-    if n == 1:  # one new token per request per engine step: the common case
-        v = vals[0]
-        flat.start_indices.append(base)
-        flat.end_indices.append(base + 1)
-        flat.token_ids.append(ids[0])
-        flat.logprobs.append(v)
-        flat.ranks.append(ranks[0])
-        flat.decoded_tokens.append(None)
-        self.cumulative_logprob = cum + v
-        return None
     for v in vals:  # same left-to-right float sums as vLLM's loop
         cum += v
     self.cumulative_logprob = cum
