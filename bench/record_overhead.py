@@ -18,12 +18,21 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def _thread_clock(thread: object) -> int | None:
+    try:
+        return time.pthread_getcpuclockid(thread.ident)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not every platform has per-thread clocks
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--model", help="Model dir (default: build the tiny Qwen2)")
+    ap.add_argument("--no-fast-logprobs", action="store_true",
+                    help="A/B: disable the recorder's fast path for the logprobs it adds (tracekit.capture.fastlp)")
     a = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -41,6 +50,10 @@ def main() -> None:
     sp_lp.logprobs = 0
     if "flat_logprobs" in getattr(type(sp), "__struct_fields__", ()):
         sp_lp.flat_logprobs = True
+    if a.no_fast_logprobs:
+        from tracekit.capture import fastlp
+
+        fastlp._state["installed"] = False
     rec = tracekit.Recorder(tmp / "trace")
     rec.wrap(llm)
     recorded = llm.generate
@@ -49,17 +62,38 @@ def main() -> None:
         fn(prompts, sp, use_tqdm=False)
         print(f"warm-up {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
     t_plain, t_rec, c_plain, c_rec, t_lp, c_lp = [], [], [], [], [], []
+    m_cpu: dict[str, float] = {"plain": 0.0, "lp": 0.0, "rec": 0.0}  # main thread only (no OpenMP workers)
+    gc_s: dict[str, float] = {"plain": 0.0, "lp": 0.0, "rec": 0.0}  # cyclic GC pauses (main thread)
+    gc_t0 = [0.0]
+
+    def _gc_cb(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        elif cur[0] is not None:
+            gc_s[cur[0]] += time.perf_counter() - gc_t0[0]
+
+    cur: list[str | None] = [None]
+    import gc
+
+    gc.callbacks.append(_gc_cb)
+    wclock = _thread_clock(rec.writer._thread)
+    w0 = time.clock_gettime(wclock) if wclock is not None else None
     for r in range(a.rounds):
-        order = [(plain, sp, t_plain, c_plain), (plain, sp_lp, t_lp, c_lp), (recorded, sp, t_rec, c_rec)]
+        order = [(plain, sp, t_plain, c_plain, "plain"), (plain, sp_lp, t_lp, c_lp, "lp"), (recorded, sp, t_rec, c_rec, "rec")]
         if r % 2:
             order.reverse()
-        for fn, params, acc, cacc in order:
-            c0, t0 = time.process_time(), time.perf_counter()
+        for fn, params, acc, cacc, name in order:
+            c0, t0, m0 = time.process_time(), time.perf_counter(), time.thread_time()
+            cur[0] = name
             fn(prompts, params, use_tqdm=False)
+            cur[0] = None
             acc.append(time.perf_counter() - t0)
             cacc.append(time.process_time() - c0)  # all threads of this process, writer included
+            m_cpu[name] += time.thread_time() - m0
         print(f"round {r}: plain {t_plain[-1]:.3f} s, logprobs=0 {t_lp[-1]:.3f} s, recorded {t_rec[-1]:.3f} s",
               file=sys.stderr, flush=True)
+    rec.flush()
+    w_cpu = time.clock_gettime(wclock) - w0 if wclock is not None else float("nan")
     st = rec.close()
     toks = a.prompts * a.tokens
     ratio = sum(t_rec) / sum(t_plain)
@@ -76,6 +110,11 @@ def main() -> None:
     print(f"of which : vLLM computing logprobs=0 alone (no recorder): {100 * (lratio - 1):+.2f} % wall, "
           f"{100 * (lcratio - 1):+.2f} % CPU; recorder itself vs logprobs=0: "
           f"{100 * (sum(t_rec) / sum(t_lp) - 1):+.2f} % wall, {100 * (sum(c_rec) / sum(c_lp) - 1):+.2f} % CPU")
+    print(f"main thread CPU (engine loop + hooks, no OpenMP workers): plain {m_cpu['plain']:.2f} s, logprobs=0 "
+          f"{m_cpu['lp']:.2f} s ({100 * (m_cpu['lp'] / m_cpu['plain'] - 1):+.2f} %), recorded {m_cpu['rec']:.2f} s "
+          f"({100 * (m_cpu['rec'] / m_cpu['lp'] - 1):+.2f} % vs logprobs=0); writer thread {w_cpu:.2f} s "
+          f"= {100 * w_cpu / sum(c_plain):.2f} % of plain CPU")
+    print(f"GC pauses: plain {gc_s['plain']:.2f} s, logprobs=0 {gc_s['lp']:.2f} s, recorded {gc_s['rec']:.2f} s")
     print(f"trace    : {st.rows_written.get('tokens', 0):,} tokens written, {st.dropped} rows dropped")
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()

@@ -97,6 +97,92 @@ def test_wrapped_llm_returns_same_samples_and_types_and_records_exact_logprobs(l
     assert sorted(n for _, n in groups) == [2] * 8  # 2 calls x 4 prompts, n=2 each
 
 
+def _visible(outs) -> list:
+    """Everything a caller can see in generate()'s outputs, minus tracekit's request-id attribute."""
+    res = []
+    for o in outs:
+        d = {k: v for k, v in vars(o).items() if k not in ("outputs", "request_id", "metrics")}
+        d["outputs"] = [{k: v for k, v in vars(c).items() if k != "tracekit_request_id"} for c in o.outputs]
+        res.append(repr(d))
+    return res
+
+
+def test_fast_logprobs_path_records_vllms_exact_floats_and_hides_them(llm, tmp_path, monkeypatch):
+    """The recorder's fast path for the logprobs it adds (capture/fastlp.py) must record exactly the
+    float vLLM itself returns with logprobs=0, change nothing the caller sees, and leave requests
+    whose caller asked for logprobs on vLLM's own (detokenizing) path."""
+    from vllm import SamplingParams
+
+    from tracekit.capture import fastlp
+
+    _unwrap(llm)
+    prompts = PROMPTS * 2
+    sp = SamplingParams(temperature=1.0, max_tokens=40, seed=11, n=2)
+    sp_asked = SamplingParams(temperature=1.0, max_tokens=40, seed=11, n=2, logprobs=0)
+    ref = llm.generate(prompts, sp, use_tqdm=False)
+    ref_flat = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=40, seed=11, n=2, logprobs=0,
+                                                    flat_logprobs=True), use_tqdm=False)
+    mixed = [sp if i % 2 == 0 else sp_asked for i in range(len(prompts))]
+    ref_mixed = llm.generate(prompts, mixed, use_tqdm=False)
+
+    calls = []
+    orig = fastlp._fast_update
+    monkeypatch.setattr(fastlp, "_fast_update", lambda self, lists: (calls.append(1), orig(self, lists))[1])
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    got_mixed = llm.generate(prompts, mixed, use_tqdm=False)
+    assert fastlp.install() and calls, "fast path not taken on this engine"
+    assert sp.extra_args is None and sp_asked.extra_args is None  # caller's params untouched
+    assert _visible(got) == _visible(ref)  # the caller sees exactly what it would have seen
+    assert _visible(got_mixed) == _visible(ref_mixed)  # incl. decoded tokens and ranks where it asked
+    st = rec.close()
+    assert st.dropped == 0 and rec.errors == 0
+
+    n_tok = 0
+    for outs in (got, got_mixed):
+        for o, r in zip(outs, ref_flat):
+            for c, rc in zip(o.outputs, r.outputs):
+                rows = _q(tmp_path / "t", "SELECT token_id, logprob FROM tokens WHERE request_id = ? ORDER BY pos",
+                          [c.tracekit_request_id])
+                assert [x[0] for x in rows] == list(rc.token_ids)
+                want = [rc.logprobs.logprobs[i] for i in rc.logprobs.start_indices]
+                assert [x[1] for x in rows] == want  # bitwise: float32 from the engine, float32 in the trace
+                n_tok += len(rows)
+    assert n_tok == sum(len(c.token_ids) for outs in (got, got_mixed) for o in outs for c in o.outputs) > 0
+
+
+def test_fast_logprobs_update_equals_vllms_own_update_and_falls_back():
+    """fastlp._fast_update vs vLLM's LogprobsProcessor._update_sample_logprobs (no tokenizer) on
+    one- and multi-position steps: identical FlatLogprobs and cumulative logprob; other shapes
+    (top-k columns) go to vLLM's code unchanged."""
+    import numpy as np
+    from vllm.logprobs import create_sample_logprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    from vllm.v1.outputs import LogprobsLists
+
+    from tracekit.capture import fastlp
+
+    assert fastlp.install()
+    rng = np.random.default_rng(3)
+
+    def proc(num=0):
+        return LogprobsProcessor(tokenizer=None, logprobs=create_sample_logprobs(True), prompt_logprobs=None,
+                                 cumulative_logprob=0.0, num_logprobs=num, num_prompt_logprobs=None)
+
+    for cols, num in ((1, 0), (3, 2)):
+        a, b = proc(num), proc(num)
+        for npos in (1, 1, 3, 1, 2):
+            lists = LogprobsLists(rng.integers(0, 512, (npos, cols)).astype(np.int32),
+                                  -rng.random((npos, cols)).astype(np.float32) * 5, rng.integers(1, 40, npos), None)
+            fastlp._orig_update(a, lists)
+            fastlp._fast_update(b, lists)
+        fa, fb = a.logprobs, b.logprobs
+        for f in ("start_indices", "end_indices", "token_ids", "logprobs", "ranks", "decoded_tokens"):
+            assert getattr(fa, f) == getattr(fb, f), f
+        assert a.cumulative_logprob == b.cumulative_logprob
+
+
 def test_chat_and_step_and_trainer_logprobs(llm, tmp_path):
     from vllm import SamplingParams
 

@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import fastlp
 from .recorder import Recorder, _now, params_dict, parse_version, requested_dict
 
 
@@ -53,6 +54,11 @@ def prepare_params(sp: Any, *, defaults_applied: bool) -> PreparedParams:
     send.logprobs = 0
     if _has_flat():
         send.flat_logprobs = True  # the caller never sees these: cheapest container
+        try:
+            if fastlp.install():  # no detokenization, no per-position Python for these requests
+                fastlp.mark(send)
+        except Exception:
+            pass
     return PreparedParams(send, True, requested, resolved, None)
 
 
