@@ -465,7 +465,8 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- helpers
-_HOOKED = ("generate", "chat", "collective_rpc")
+# Method a wrap replaces -> the attribute of the engine's hooks object holding what was there before.
+_HOOKED = {"generate": "orig_generate", "chat": "orig_chat", "collective_rpc": "orig_rpc"}
 
 
 def _remove_hooks(engine: Any) -> None:
@@ -473,9 +474,8 @@ def _remove_hooks(engine: Any) -> None:
     hooks = engine.__dict__.get("_tracekit_hooks")
     if hooks is None:
         return
-    for name in _HOOKED:
-        orig = getattr(hooks, {"generate": "orig_generate", "chat": "orig_chat",
-                               "collective_rpc": "orig_rpc"}[name], None)
+    for name, attr in _HOOKED.items():
+        orig = getattr(hooks, attr, None)
         if name not in engine.__dict__:
             continue
         if orig is None or getattr(orig, "__func__", None) is getattr(type(engine), name, None):

@@ -66,17 +66,13 @@ def list_sources(trace: Trace) -> list[str]:
 
 def resolve_source(trace: Trace, name: str) -> str:
     """SQL SELECT for source ``name``; QueryError naming the known sources if unknown."""
-    srcs = views.source_sql(trace)
-    if name not in srcs:
-        raise QueryError(f"unknown source {name!r}; this trace has: {', '.join(srcs)}")
-    return srcs[name]
+    return views.source(views.source_sql(trace), name)
 
 
 def diff_sql(trace: Trace, a: str, b: str, by: str = "step", eps: float = DEFAULT_EPS) -> str:
     """The SQL `tracekit diff` runs: direct scans of the two sources, no union view."""
     if by not in AGG_KEYS:
         raise QueryError(f"--by must be one of {', '.join(AGG_KEYS)}, not {by!r}")
-    resolve_source(trace, a), resolve_source(trace, b)  # QueryError for an unknown name
     return views.diff_by_sql(views.pairs_sql(trace, a, b), by, eps)
 
 

@@ -241,14 +241,20 @@ def join_pairs_sql(a: str, b: str) -> str:
     return JOIN_PAIRS_SQL.format(a=_rel(a), b=_rel(b))
 
 
+def source(srcs: dict[str, str], name: str) -> str:
+    """``srcs[name]`` (from source_sql); QueryError naming the known sources if unknown."""
+    if name not in srcs:
+        raise QueryError(f"unknown source {name!r}; this trace has: {', '.join(srcs)}")
+    return srcs[name]
+
+
 def pairs_sql(trace: Trace, a: str, b: str) -> str:
     """Sources ``a`` and ``b`` (names) paired on (request_id, pos): one replay scan when it
-    carries the recorded copy, else the hash join. KeyError for an unknown name."""
-    fast = copied_pairs_sql(trace).get((a, b))
-    if fast is not None:
-        return fast
+    carries the recorded copy, else the hash join. QueryError for an unknown name."""
     srcs = source_sql(trace)
-    return join_pairs_sql(srcs[a], srcs[b])
+    sa, sb = source(srcs, a), source(srcs, b)
+    fast = copied_pairs_sql(trace).get((a, b))
+    return fast if fast is not None else join_pairs_sql(sa, sb)
 
 
 def token_pairs_sql(pairs: str, eps: float | str = DEFAULT_EPS) -> str:
