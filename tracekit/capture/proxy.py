@@ -235,20 +235,19 @@ class RecordingProxy:
         if ids and c.t_first is None:
             c.t_first = _now()
         c.ids.extend(ids)
-        lp = ch.get("logprobs")
+        lp = ch.get("logprobs") or {}
         if plan.kind == "chat":
-            content = (lp or {}).get("content") or []
-            vals = [e.get("logprob") for e in content]
-            tops = [[(t.get("token"), t.get("logprob")) for t in e.get("top_logprobs") or []] for e in content]
+            vals = [e.get("logprob") for e in lp.get("content") or []]
         else:
-            vals = list((lp or {}).get("token_logprobs") or [])
-            tops = [list((d or {}).items()) for d in (lp or {}).get("top_logprobs") or []]
-        if ids:  # echo prompts carry prompt logprobs first: keep the generated tail
-            vals = vals[-len(ids):] if len(vals) >= len(ids) else vals + [None] * (len(ids) - len(vals))
-            tops = tops[-len(ids):] if len(tops) >= len(ids) else tops + [[]] * (len(ids) - len(tops))
-        c.lps.extend(vals)
+            vals = list(lp.get("token_logprobs") or [])
+        c.lps.extend(_tail(vals, len(ids), None))
         if plan.client_k:
-            for entries in tops:
+            if plan.kind == "chat":
+                tops = [[(t.get("token"), t.get("logprob")) for t in e.get("top_logprobs") or []]
+                        for e in lp.get("content") or []]
+            else:
+                tops = [list((d or {}).items()) for d in lp.get("top_logprobs") or []]
+            for entries in _tail(tops, len(ids), []):
                 i, v = _top_k(entries, plan.client_k)
                 c.top_ids.append(i)
                 c.top_lps.append(v)
@@ -329,6 +328,14 @@ class RecordingProxy:
                 )
         except Exception as e:
             self.recorder._count_error(f"proxy emit: {type(e).__name__}: {e}")
+
+
+def _tail(xs: list, n: int, fill: Any) -> list:
+    """The last ``n`` per-position entries (echo prompts carry prompt positions first), padded
+    with ``fill`` when there are fewer; all of them when ``n`` is 0 (no token ids seen)."""
+    if not n:
+        return xs
+    return xs[-n:] if len(xs) >= n else xs + [fill] * (n - len(xs))
 
 
 def _pad(xs: list, n: int) -> list:
@@ -428,7 +435,7 @@ async def _serve(upstream: str, host: str, port: int, recorder: Recorder, engine
         try:
             loop.add_signal_handler(s, stop.set)
         except (NotImplementedError, RuntimeError):
-            pass
+            pass  # no loop signal handlers here (Windows, or not the main thread): stop via KeyboardInterrupt
     if ready is not None:
         ready(f"http://{host}:{port}")
     try:
