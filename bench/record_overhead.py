@@ -1,7 +1,10 @@
 """Recorder overhead: the same generate workload with and without the recorder, interleaved in one
 run after warm-up, on a real in-process vLLM engine with the tiny model. Prints the wall-time ratio.
 
-    .venv/bin/python bench/record_overhead.py [--prompts 64] [--tokens 128] [--rounds 8]
+    .venv/bin/python bench/record_overhead.py [--prompts 64] [--tokens 128] [--rounds 8] [--breakdown]
+
+``--breakdown`` also times the vLLM functions the logprob touches, per arm, in situ (wall-clock
+wrappers on the in-process engine's classes), to say where the logprob's cost goes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,47 @@ def _thread_clock(thread: object) -> int | None:
         return None
 
 
+# (module, class, attribute): the engine-step pieces whose work grows when a request wants logprobs,
+# and the forward pass as a control (same work in every arm: its spread is the noise floor).
+_PIECES = (
+    ("vllm.v1.sample.sampler", "Sampler", "compute_logprobs"),  # log_softmax over the batch
+    ("vllm.v1.sample.sampler", "Sampler", "gather_logprobs"),  # top-k, gather, rank
+    ("vllm.v1.sample.sampler", "Sampler", "forward"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),  # per-request slices
+    ("vllm.v1.engine.output_processor", "OutputProcessor", "process_outputs"),  # front end
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),  # forward pass
+)
+# Disjoint pieces whose deltas add up to the logprob's cost (the two above run inside forward).
+_ATTRIBUTABLE = ("Sampler.forward", "Scheduler.update_from_output", "OutputProcessor.process_outputs")
+
+
+def _time_pieces(acc: dict[tuple[str, str], float], cur: list[str | None]) -> list[str]:
+    """Wrap each piece with a perf_counter accumulator keyed by (current arm, piece)."""
+    import importlib
+
+    done = []
+    for mod, cls_name, attr in _PIECES:
+        try:
+            cls = getattr(importlib.import_module(mod), cls_name)
+            raw = cls.__dict__[attr]
+        except (ImportError, AttributeError, KeyError):
+            continue  # another vLLM layout: time what exists
+        static = isinstance(raw, staticmethod)
+        fn = raw.__func__ if static else raw
+        name = f"{cls_name}.{attr}"
+
+        def timed(*a: object, _fn=fn, _name=name, **kw: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                acc[(cur[0] or "-", _name)] = acc.get((cur[0] or "-", _name), 0.0) + time.perf_counter() - t0
+
+        setattr(cls, attr, staticmethod(timed) if static else timed)
+        done.append(name)
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
@@ -33,6 +77,8 @@ def main() -> None:
     ap.add_argument("--model", help="Model dir (default: build the tiny Qwen2)")
     ap.add_argument("--no-fast-logprobs", action="store_true",
                     help="A/B: disable the recorder's fast path for the logprobs it adds (tracekit.capture.fastlp)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time vLLM's sampler/scheduler/front-end pieces per arm (in-process engine)")
     a = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -74,6 +120,8 @@ def main() -> None:
             gc_s[cur[0]] += time.perf_counter() - gc_t0[0]
 
     cur: list[str | None] = [None]
+    pieces: dict[tuple[str, str], float] = {}
+    timed = _time_pieces(pieces, cur) if a.breakdown else []
     import gc
 
     gc.callbacks.append(_gc_cb)
@@ -120,6 +168,20 @@ def main() -> None:
           f"({100 * (m_cpu['rec'] / m_cpu['lp'] - 1):+.2f} % vs logprobs=0); writer thread {w_cpu:.2f} s "
           f"= {100 * w_cpu / sum(c_plain):.2f} % of plain CPU")
     print(f"GC pauses: plain {gc_s['plain']:.2f} s, logprobs=0 {gc_s['lp']:.2f} s, recorded {gc_s['rec']:.2f} s")
+    if timed:
+        base = sum(t_plain)
+        print("breakdown (s over all rounds; delta = that arm minus plain, as % of plain wall time):")
+        for name in timed:
+            p, lp, r = (pieces.get((arm, name), 0.0) for arm in ("plain", "lp", "rec"))
+            print(f"  {name:36s} plain {p:7.3f}  logprobs=0 {lp:7.3f} ({100 * (lp - p) / base:+.2f} %)  "
+                  f"recorded {r:7.3f} ({100 * (r - p) / base:+.2f} %)")
+        if all(n in timed for n in _ATTRIBUTABLE):
+            # Less noisy than whole-run wall time: the forward pass, identical in all arms, is left out.
+            d_lp, d_rec = (sum(pieces.get((arm, n), 0.0) - pieces.get(("plain", n), 0.0) for n in _ATTRIBUTABLE)
+                           for arm in ("lp", "rec"))
+            print(f"  attributable to the logprob (sampler + scheduler + front end, forward pass excluded): "
+                  f"logprobs=0 {100 * d_lp / base:+.2f} %, recorded {100 * d_rec / base:+.2f} % of plain wall "
+                  "(the recorder's own hooks are outside these pieces)")
     print(f"trace    : {st.rows_written.get('tokens', 0):,} tokens written, {st.dropped} rows dropped")
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()
