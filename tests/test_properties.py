@@ -108,7 +108,8 @@ def test_random_rows_of_every_table_round_trip(tmp_path_factory, data) -> None:
     # the DuckDB views see the same number of rows (and do not choke on nan/inf/unicode/empty lists)
     con = Trace(root).connect()
     for name, rows in batches.items():
-        extra = 2 if name == "runs" else 0
+        # the writer's own start/close rows, present once it wrote anything at all
+        extra = 2 if name == "runs" and any(batches.values()) else 0
         assert con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == len(rows) + extra, name
     con.close()
 

@@ -279,6 +279,7 @@ def test_resume_after_kill_has_no_duplicated_or_lost_rows(recorded: dict[str, An
 
 def test_bad_engine_args_exit_2_with_one_line(recorded: dict[str, Any]) -> None:
     root = recorded["root"]
+    runs_before = sorted(root.glob("runs/*.parquet"))
     r = run_cli("replay", str(root), "--name", "bad", "--engine-arg", "no_such_knob=1", "--no-progress")
     assert r.returncode == 2 and "no engine arg 'no_such_knob'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -288,3 +289,4 @@ def test_bad_engine_args_exit_2_with_one_line(recorded: dict[str, Any]) -> None:
     r = run_cli("replay", str(root), "--name", "bad", "--mode", "forced", "--no-progress")
     assert r.returncode == 2 and "forced mode" in r.stderr and "Traceback" not in r.stderr
     assert not (root / "replays" / "bad").exists()
+    assert sorted(root.glob("runs/*.parquet")) == runs_before  # a refused replay leaves no runs/ row

@@ -161,6 +161,16 @@ def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     assert json.loads(close[0][0])["rows_dropped"]["requests"] >= 14
 
 
+def test_writer_that_writes_nothing_leaves_runs_untouched(tmp_path: Path) -> None:
+    TraceWriter(tmp_path / "t").close()  # e.g. a replay whose engine refused its args
+    assert not list((tmp_path / "t").glob("runs/*.parquet"))
+    w = TraceWriter(tmp_path / "t", flush_interval=60)
+    w.write("requests", {"request_id": 1, "run_id": w.run_id})
+    w.close()
+    rows = Trace(tmp_path / "t").query("SELECT event, run_id FROM runs ORDER BY time")
+    assert rows == [("start", w.run_id), ("close", w.run_id)]
+
+
 def test_unwritable_directory_never_raises(tmp_path: Path) -> None:
     target = tmp_path / "file-not-dir"
     target.write_text("x")

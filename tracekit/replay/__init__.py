@@ -153,8 +153,9 @@ def replay(
     created = _write_meta(rdir, meta, resume=resume)
 
     res = ReplayResult(name, mode, rdir, requests_already_done=plan.done, notes=list(plan.notes))
-    # Opened on the first row: a replay the engine refuses (bad --engine-arg) leaves the trace as it was.
-    writer = _LazyWriter(lambda: TraceWriter(root, kind="replay", flush_interval=3600.0))
+    # Its runs/ row comes with the first row: a replay the engine refuses (bad --engine-arg) leaves
+    # the trace as it was.
+    writer = TraceWriter(root, kind="replay", flush_interval=3600.0)
     t0 = time.monotonic()
     try:
         now = _now()
@@ -180,40 +181,6 @@ def replay(
         res.seconds = time.monotonic() - t0
         writer.close()
     return res
-
-
-class _LazyWriter:
-    """A TraceWriter created on first use (its 'start' row is itself a write to the trace)."""
-
-    def __init__(self, make: Any) -> None:
-        self._make = make
-        self._w: Any = None
-
-    def _get(self) -> Any:
-        if self._w is None:
-            self._w = self._make()
-        return self._w
-
-    @property
-    def run_id(self) -> str:
-        return self._get().run_id
-
-    def write(self, *a: Any, **kw: Any) -> bool:
-        return self._get().write(*a, **kw)
-
-    def write_columns(self, *a: Any, **kw: Any) -> bool:
-        return self._get().write_columns(*a, **kw)
-
-    def flush(self, *a: Any, **kw: Any) -> bool:
-        return True if self._w is None else self._w.flush(*a, **kw)
-
-    def stats(self) -> Any:
-        from ..store.writer import WriterStats
-
-        return WriterStats() if self._w is None else self._w.stats()
-
-    def close(self, *a: Any, **kw: Any) -> Any:
-        return None if self._w is None else self._w.close(*a, **kw)
 
 
 def _drop_if_empty(rdir: Path) -> None:

@@ -124,19 +124,18 @@ class TraceWriter:
         self._thread = threading.Thread(target=self._run, name="tracekit-writer", daemon=True)
         self._thread.start()
         _live_writers.add(self)
-        self.write(
-            "runs",
-            {
-                "run_id": self.run_id,
-                "event": "start",
-                "time": _now(),
-                "kind": kind,
-                "tracekit_version": __version__,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "argv": list(sys.argv),
-            },
-        )
+        # Queued with the first write, not here: a writer that never writes (a replay the engine
+        # refuses, a recorder that saw no request) leaves runs/ untouched.
+        self._start_row: dict[str, Any] | None = {
+            "run_id": self.run_id,
+            "event": "start",
+            "time": _now(),
+            "kind": kind,
+            "tracekit_version": __version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": list(sys.argv),
+        }
 
     # ------------------------------------------------------------------ caller side
     def write(self, table: str, rows: Rows, *, replay: str | None = None) -> bool:
@@ -149,22 +148,29 @@ class TraceWriter:
             if n == 0:
                 return True
             with self._lock:
-                self._submitted[table] = self._submitted.get(table, 0) + n  # written+dropped+pending
-                if self._closed or not self.ok or self._queued_rows + n > self.max_queue_rows:
-                    self._count_drop(table, n)
-                    return False
-                if not self._queue:
-                    self._queued_since = time.monotonic()
-                self._queue.append((table, replay, rows, n))
-                self._queued_rows += n
-                if self._queued_rows > self._stats.queue_high_water:
-                    self._stats.queue_high_water = self._queued_rows
+                if self._start_row is not None:
+                    start, self._start_row = self._start_row, None
+                    self._enqueue_locked("runs", None, start, 1)
+                ok = self._enqueue_locked(table, replay, rows, n)
             if self._queued_rows >= self.part_max_rows:
                 self._wake.set()
-            return True
+            return ok
         except Exception as e:  # malformed input must not reach the job
             self._error(f"write({table}): {e}")
             return False
+
+    def _enqueue_locked(self, table: str, replay: str | None, rows: Rows, n: int) -> bool:
+        self._submitted[table] = self._submitted.get(table, 0) + n  # written+dropped+pending
+        if self._closed or not self.ok or self._queued_rows + n > self.max_queue_rows:
+            self._count_drop(table, n)
+            return False
+        if not self._queue:
+            self._queued_since = time.monotonic()
+        self._queue.append((table, replay, rows, n))
+        self._queued_rows += n
+        if self._queued_rows > self._stats.queue_high_water:
+            self._stats.queue_high_water = self._queued_rows
+        return True
 
     def write_columns(
         self, table: str, cols: Mapping[str, Any], *, replay: str | None = None, **const: Any
@@ -200,20 +206,23 @@ class TraceWriter:
         if not already:
             self.flush(timeout)
             self._count_pending()
-            self.write(
-                "runs",
-                {
-                    "run_id": self.run_id,
-                    "event": "close",
-                    "time": _now(),
-                    "kind": self.kind,
-                    "tracekit_version": __version__,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "stats": _json(self._stats.as_dict()),
-                },
-            )
-            self.flush(timeout)
+            with self._lock:
+                wrote_something = self._start_row is None
+            if wrote_something:  # a writer that wrote nothing leaves runs/ untouched
+                self.write(
+                    "runs",
+                    {
+                        "run_id": self.run_id,
+                        "event": "close",
+                        "time": _now(),
+                        "kind": self.kind,
+                        "tracekit_version": __version__,
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "stats": _json(self._stats.as_dict()),
+                    },
+                )
+                self.flush(timeout)
             with self._lock:
                 self._closed = True
             self._wake.set()
