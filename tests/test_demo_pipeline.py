@@ -36,3 +36,8 @@ def test_demo_names_the_planted_cause_and_writes_the_report(tmp_path: Path, old_
 
     versions = {v for (v,) in Trace(out / "trace").query("SELECT DISTINCT vllm_version FROM replay_engines")}
     assert versions and all(v for v in versions)
+    # ... and attribute lists what that engine changed: here the release, recorded vs replayed.
+    (release,) = [c for c in attribution["engine_changes"]["new-engine"] if c["knob"] == "vllm_version"]
+    assert release["recorded"] != release["replay"] and release["cause"] is None
+    assert "vllm_version" in res.stdout  # the rendered table of those changes
+    assert "engine settings replay:new-engine changed vs the recorded engine" in html

@@ -26,6 +26,7 @@ from typing import Any
 import duckdb
 
 from .causes import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, all_causes
+from .compare.engines import EngineChange, engine_changes
 from .compare.metrics import Metrics, finite_or_str, overall
 from .errors import TracekitError
 from .store.reader import Trace
@@ -116,6 +117,8 @@ class Attribution:
     replays_used: list[str]
     replays_run: list[str]
     migration_gaps: list[Metrics] = field(default_factory=list)
+    # replay name -> settings its engine changed vs the recorded one (replays outside the ladder)
+    engine_changes: dict[str, list[EngineChange]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def found(self) -> list[str]:
@@ -133,6 +136,7 @@ class Attribution:
             "replays_used": self.replays_used,
             "replays_run": self.replays_run,
             "migration_gaps": [m.as_dict() for m in self.migration_gaps],
+            "engine_changes": {r: [c.as_dict() for c in cs] for r, cs in self.engine_changes.items()},
             "notes": self.notes,
         })
 
@@ -568,8 +572,15 @@ def attribute(
         g0 = ctx.gap("recorded") if ladder else None
         residual = (applied[-1].gap_after / g0) if applied and g0 else None
         migration = []
+        changes: dict[str, list[EngineChange]] = {}
+        knob_causes = {k: c.id for c in causes for k in c.knobs}
         for name in t.replay_names():
-            if name.startswith(ATTR_PREFIX) or name in ctx.replays_used:
+            if name.startswith(ATTR_PREFIX):
+                continue
+            diff = engine_changes(ctx.con, name, knob_causes)
+            if diff:
+                changes[name] = diff
+            if name in ctx.replays_used:
                 continue
             m = ctx.metrics(f"replay:{name}", "recorded")
             if m.tokens:
@@ -579,6 +590,7 @@ def attribute(
             gap_definition="mean |Δ| with Δ = recorded engine logprob − trainer logprob, same tokens",
             thresholds=th, causes=results, ladder=ladder, residual=residual,
             replays_used=sorted(ctx.replays_used), replays_run=ctx.replays_run, migration_gaps=migration,
+            engine_changes=changes,
             notes=ctx.notes,
         )
     finally:
@@ -635,8 +647,21 @@ def render(result: Attribution, console: Any) -> None:
     for m in result.migration_gaps:
         console.print(f"migration gap {m.a} vs {m.b}: mean |Δ| {_f(m.mean_abs_delta)} on {m.tokens:,} tokens, "
                       f"clip rate {100 * (m.clip_rate or 0):.1f}%")
+    for name, changes in result.engine_changes.items():
+        et = Table(title=f"engine settings replay:{name} changed vs the recorded engine")
+        for c in ("setting", "recorded", "replay", "cause it can produce"):
+            et.add_column(c, overflow="fold")
+        for ch in changes:
+            et.add_row(ch.knob, _v(ch.recorded), _v(ch.replay), ch.cause or "[dim]-[/dim]")
+        console.print(et)
     found = result.found()
     console.print("[bold]verdict:[/bold] " + (f"[bold red]{', '.join(found)}[/]" if found else "[green]no cause found[/]"))
+
+
+def _v(x: Any) -> str:
+    from rich.markup import escape
+
+    return "[dim]unset[/dim]" if x is None else escape(json.dumps(x) if isinstance(x, (dict, list)) else str(x))
 
 
 def _short_query(q: str) -> str:

@@ -61,6 +61,9 @@ class Cause(ABC):
     title: str = ""
     order: int = 100  # position in the ablation ladder
     fix: str = ""
+    # Engine fingerprint columns (schemas/engines.json) whose change between two engines can
+    # produce this cause: tags the config diff of a migration (tracekit.compare.engines).
+    knobs: tuple[str, ...] = ()
 
     def evidence(self, ctx: Context) -> list[Evidence]:
         """Signature queries over the recorded data (no engine run)."""

@@ -27,6 +27,7 @@ class LmHeadPrecision(Cause):
     id = "lm_head_precision"
     title = "lm_head precision: bf16 engine head vs fp32 trainer head"
     order = 40
+    knobs = ("head_dtype", "dtype")
     fix = 'Run the engine head in fp32: LLM(..., hf_overrides={"head_dtype": "float32"}) (vllm serve --hf-overrides \'{"head_dtype": "float32"}\').'
 
     def evidence(self, ctx: Context) -> list[Evidence]:

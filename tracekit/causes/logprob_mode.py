@@ -25,6 +25,7 @@ class LogprobMode(Cause):
     id = "logprob_mode"
     title = "Logprob mode: raw engine logprobs vs processed trainer logprobs (or the reverse)"
     order = 20
+    knobs = ("logprobs_mode",)
     fix = ('Return the logprobs the trainer uses: LLM(..., logprobs_mode="processed_logprobs") '
            '(vllm serve --logprobs-mode processed_logprobs), or have the trainer score raw logprobs.')
 

@@ -27,6 +27,7 @@ class RuntimeDefaults(Cause):
     id = "runtime_defaults"
     title = "Runtime defaults: generation_config applied silently, prefix cache, async scheduling"
     order = 30
+    knobs = ("enable_prefix_caching", "block_size", "async_scheduling", "generation_config", "default_sampling_params")
     fix = 'LLM(..., generation_config="vllm") and pass explicit SamplingParams (or override_generation_config={...}).'
 
     def evidence(self, ctx: Context) -> list[Evidence]:

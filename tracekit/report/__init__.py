@@ -195,7 +195,12 @@ def _attribution_html(attr: dict[str, Any] | None, note: str | None, waterfall: 
     fig = _img(waterfall, "share of the gap each cause closes") if waterfall else ""
     extra = f'<p class="note">{html.escape(note)}</p>' if note else ""
     notes = "".join(f'<p class="note">{html.escape(str(n))}</p>' for n in attr.get("notes") or [])
-    return verdict, table + fig + extra + notes
+    changes = "".join(
+        f"<h3>engine settings replay:{html.escape(str(name))} changed vs the recorded engine</h3>"
+        + _table(["setting", "recorded", "replay", "cause it can produce"],
+                 [[c.get("knob"), c.get("recorded"), c.get("replay"), c.get("cause") or "-"] for c in rows_])
+        for name, rows_ in (attr.get("engine_changes") or {}).items())
+    return verdict, table + fig + extra + notes + changes
 
 
 def _atomic_write(p: Path, data: bytes) -> None:
