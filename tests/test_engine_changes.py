@@ -21,7 +21,7 @@ BASE: dict[str, Any] = {
     "vllm_version": "0.8.5", "torch_version": "2.6.0", "platform": "cuda", "model": "/ckpt/a",
     "model_hash": "abc", "dtype": "bfloat16", "head_dtype": "bfloat16", "logprobs_mode": "raw_logprobs",
     "enable_prefix_caching": False, "block_size": 16, "async_scheduling": False, "max_logprobs": 20,
-    "generation_config": json.dumps({"mode": "auto", "file": {"top_k": 20}}),
+    "generation_config": json.dumps({"mode": "auto", "file": {"top_k": 20, "transformers_version": "4.51.0"}}),
     "default_sampling_params": json.dumps({"top_k": 20}),
     "env": json.dumps({"VLLM_DIST_IDENT": "x1", "VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}),
 }
@@ -44,7 +44,7 @@ def test_changed_settings_are_listed_with_the_cause_they_can_produce(tmp_path: P
         "same": {"model": "/elsewhere/a", "max_logprobs": -1, "env": json.dumps(
             {"VLLM_DIST_IDENT": "other-random-name", "VLLM_ATTENTION_BACKEND": "FLASH_ATTN"})},
         "new": {"vllm_version": "0.18.1", "logprobs_mode": "processed_logprobs", "enable_prefix_caching": True,
-                "head_dtype": "float32", "generation_config": json.dumps({"mode": "auto", "file": {"top_k": 50}}),
+                "head_dtype": "float32", "generation_config": json.dumps({"mode": "auto", "file": {"top_k": 50, "transformers_version": "5.2"}}),
                 "default_sampling_params": "{}", "env": json.dumps({"VLLM_DIST_IDENT": "y"})},
     })
     knob_causes = {k: c.id for c in all_causes() for k in c.knobs}

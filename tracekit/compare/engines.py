@@ -5,7 +5,7 @@ running engine, so the diff is of *effective* settings (what vLLM resolved), not
 user typed. JSON columns are compared key by key (``generation_config.mode``, ``env.VLLM_…``).
 Settings that say where or how the replay ran rather than how it computes are left out (ids,
 model path, ``max_logprobs``, which a score replay raises to -1, tracekit's capability probes),
-as are env vars vLLM fills with per-process random names.
+as are env vars vLLM fills with per-process random names and generation_config.json bookkeeping.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ FIELDS = (
     "async_scheduling", "max_model_len", "generation_config", "default_sampling_params", "env",
 )
 _JSON_FIELDS = {"generation_config", "default_sampling_params", "env"}
-_VOLATILE = {"env.VLLM_DIST_IDENT", "env.VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME"}
+# Per-process random names, and generation_config.json bookkeeping that does not sample anything.
+_IGNORED = {
+    "env.VLLM_DIST_IDENT", "env.VLLM_OBJECT_STORAGE_SHM_BUFFER_NAME",
+    "generation_config.file.transformers_version", "generation_config.file._from_model_config",
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _settings(row: Mapping[str, Any]) -> dict[str, Any]:
             except ValueError:
                 pass  # compared as the raw string
         _flatten(f, v, out) if isinstance(v, dict) else out.__setitem__(f, v)
-    return {k: v for k, v in out.items() if k not in _VOLATILE}
+    return {k: v for k, v in out.items() if k not in _IGNORED}
 
 
 def _row(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> dict[str, Any] | None:
