@@ -199,3 +199,43 @@ def test_proxy_records_top_k_like_the_api_path(proxy, engine_pool, tiny_model, t
     # usage.prompt_tokens_details.cached_tokens (the server runs with --enable-prompt-tokens-details)
     cached = [r[0] for r in Trace(trace).query("SELECT num_cached_tokens FROM requests")]
     assert len(cached) == 3 and all(isinstance(c, int) and c >= 0 for c in cached)
+
+
+def test_proxy_batched_prompts_echo_and_a_stream_the_client_drops(server, proxy, tiny_model):
+    """A batched completions prompt gives each choice its own prompt and group; echo answers are
+    left untouched (recorded only when the client asked for token ids); a stream the client
+    abandons is recorded up to where it stopped, as 'abort', without a traceback."""
+    import httpx
+
+    base, trace, proc = proxy
+    m = str(tiny_model)
+    batch = {"model": m, "prompt": ["one two", "three four five"], "n": 2, "seed": 3, "max_tokens": 4}
+    assert _norm(_call(server, "/v1/completions", batch)) == _norm(_call(base, "/v1/completions", batch))
+    ref = _call(server, "/v1/completions", {**batch, "return_token_ids": True})
+    want = {ch["index"]: ch["prompt_token_ids"] for ch in ref["choices"]}
+    assert want[0] != want[2]
+    echo = {"model": m, "prompt": "five six", "echo": True, "max_tokens": 4, "seed": 1}
+    assert _norm(_call(server, "/v1/completions", echo)) == _norm(_call(base, "/v1/completions", echo))
+    echo_ids = {**echo, "return_token_ids": True, "logprobs": 0}
+    echoed = _call(base, "/v1/completions", echo_ids)
+    assert _norm(_call(server, "/v1/completions", echo_ids)) == _norm(echoed)
+    with httpx.stream("POST", base + "/v1/completions", timeout=120, json={
+            "model": m, "prompt": "a b c", "max_tokens": 300, "min_tokens": 300, "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+    assert any(g.startswith("data: {") for g in got)
+    time.sleep(2)
+    out = _stop(proc)
+    assert "Traceback" not in out, out[-2000:]
+    rows = Trace(trace).query(
+        "SELECT prompt_token_ids, output_token_ids, group_id, sample_idx, finish_reason, extra FROM requests "
+        "ORDER BY t_submit, sample_idx")
+    batched = [r for r in rows if r[0] in want.values()]
+    assert len(batched) == 4  # the echo-free batch; the first echo call is not recorded
+    assert sorted((r[0], r[3]) for r in batched) == sorted((want[i], i % 2) for i in range(4))
+    groups = {r[2] for r in batched}
+    assert len(groups) == 2 and all(len({tuple(r[0]) for r in batched if r[2] == g}) == 1 for g in groups)
+    (echo_row,) = [r for r in rows if r[0] == echoed["choices"][0]["prompt_token_ids"]]
+    assert echo_row[1] == echoed["choices"][0]["token_ids"]
+    (dropped,) = [r for r in rows if r[4] == "abort"]
+    assert 0 < len(dropped[1]) < 300

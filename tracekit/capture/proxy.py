@@ -50,12 +50,19 @@ class _Plan:
     def __init__(self, kind: str, body: dict) -> None:
         self.kind = kind
         self.stream = bool(body.get("stream"))
-        self.add_token_ids = not body.get("return_token_ids")
+        n = body.get("n")
+        self.n = n if isinstance(n, int) and n > 1 else 1  # choice i is sample i % n of prompt i // n
+        # With echo, vLLM's answer changes when return_token_ids/logprobs are added (the echoed
+        # text goes, prompt logprobs come): the proxy adds nothing then and records only what
+        # the client asked for itself.
+        echo = kind == "completion" and bool(body.get("echo"))
+        self.add_token_ids = not body.get("return_token_ids") and not echo
         if kind == "chat":
             self.client_k = int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
         else:
             self.client_k = int(body["logprobs"]) if body.get("logprobs") is not None else None
-        self.add_logprobs = self.client_k is None
+        self.add_logprobs = self.client_k is None and not echo
+        self.has_token_ids = not echo or bool(body.get("return_token_ids"))
         up = dict(body)
         if self.add_token_ids:
             up["return_token_ids"] = True
@@ -73,9 +80,10 @@ class _Plan:
 
 
 class _Choice:
-    __slots__ = ("finish", "ids", "lps", "stop", "t_first", "top_ids", "top_lps")
+    __slots__ = ("finish", "ids", "lps", "prompt", "stop", "t_first", "top_ids", "top_lps")
 
     def __init__(self) -> None:
+        self.prompt: list[int] | None = None  # completions: each choice carries its own prompt
         self.ids: list[int] = []
         self.lps: list[float | None] = []
         self.top_ids: list[list[int] | None] = []
@@ -193,17 +201,24 @@ class RecordingProxy:
             await out.prepare(request)
             state: dict[str, Any] = {"choices": {}, "prompt": None, "id": None}
             buf = b""
-            async for piece in r.content.iter_any():
-                buf += piece
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    event = self._stream_event(plan, event, state)
-                    if event is not None:
-                        await out.write(event + b"\n\n")
-            if buf:
-                await out.write(buf)
-            self._emit(plan, state, t0, v0)
-            await out.write_eof()
+            try:
+                async for piece in r.content.iter_any():
+                    buf += piece
+                    while b"\n\n" in buf:
+                        event, buf = buf.split(b"\n\n", 1)
+                        event = self._stream_event(plan, event, state)
+                        if event is not None:
+                            await out.write(event + b"\n\n")
+                if buf:
+                    await out.write(buf)
+                await out.write_eof()
+            except ConnectionResetError:
+                # The client went away (aiohttp's ClientConnectionResetError): leaving the
+                # upstream context closes the upstream stream, so vLLM aborts the request too.
+                # Not an error of the proxy: the partial sample is recorded as 'abort'.
+                pass
+            finally:  # also on cancellation: what was generated so far is still a sample
+                self._emit(plan, state, t0, v0)
             return out
 
     # ------------------------------------------------------------------ response handling
@@ -218,10 +233,7 @@ class RecordingProxy:
                 state["prompt"] = obj.get("prompt_token_ids")
             _cached_tokens(obj, state)
             for ch in obj.get("choices") or []:
-                c = state["choices"].setdefault(ch.get("index", 0), _Choice())
-                if plan.kind == "completion" and state["prompt"] is None:
-                    state["prompt"] = ch.get("prompt_token_ids")
-                self._take(plan, ch, c)
+                self._take(plan, ch, state["choices"].setdefault(ch.get("index", 0), _Choice()))
             self._emit(plan, state, t0, v0)
         except Exception as e:
             self.recorder._count_error(f"proxy record: {type(e).__name__}: {e}")
@@ -231,6 +243,8 @@ class RecordingProxy:
         return _dumps(obj)
 
     def _take(self, plan: _Plan, ch: dict, c: _Choice) -> None:
+        if plan.kind == "completion" and ch.get("prompt_token_ids") is not None:
+            c.prompt = ch["prompt_token_ids"]
         ids = ch.get("token_ids") or []
         if ids and c.t_first is None:
             c.t_first = _now()
@@ -267,8 +281,6 @@ class RecordingProxy:
                 state["prompt"] = obj["prompt_token_ids"]
             _cached_tokens(obj, state)
             for ch in obj.get("choices") or []:
-                if plan.kind == "completion" and ch.get("prompt_token_ids") is not None:
-                    state["prompt"] = ch["prompt_token_ids"]
                 self._take(plan, ch, state["choices"].setdefault(ch.get("index", 0), _Choice()))
         except Exception as e:
             self.recorder._count_error(f"proxy stream: {type(e).__name__}: {e}")
@@ -300,30 +312,39 @@ class RecordingProxy:
     def _emit(self, plan: _Plan, state: dict, t0: Any, v0: int | None) -> None:
         try:
             rec = self.recorder
-            prompt = state.get("prompt")
-            resolved = self._resolved(plan, len(prompt) if prompt is not None else None)
+            if not plan.has_token_ids:
+                # echo without the client's return_token_ids: adding it would change the answer
+                rec._count_error("proxy: an echo=true completion was not recorded (ask for return_token_ids "
+                                 "and logprobs to record it: the proxy cannot add them without changing the answer)")
+                return
             v1 = self.version
             t1 = _now()
             step = rec.current_step
-            multi = len(state["choices"]) > 1
-            if multi:
-                gid = f"{rec.run_id[:8]}-{state.get('id')}"
-            else:
-                h = hashlib.blake2b(repr(list(prompt or ())).encode(), digest_size=6).hexdigest()
-                gid = f"{rec.run_id[:8]}-s{step}-{h}"
             for idx, c in sorted(state["choices"].items()):
+                prompt = c.prompt if c.prompt is not None else state.get("prompt")
+                if plan.n > 1:  # one group per prompt of the (possibly batched) request
+                    gid, sample_idx = f"{rec.run_id[:8]}-{state.get('id')}-{idx // plan.n}", idx % plan.n
+                else:
+                    # n=1 requests of one step that share prompt and params form a group (a GRPO
+                    # job sending the prompt G times); their order within it is not known.
+                    key = repr((plan.kind, list(prompt or ()), sorted(
+                        (k, repr(v)) for k, v in plan.requested.items() if k != "seed")))
+                    gid = f"{rec.run_id[:8]}-s{step}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
+                    sample_idx = None
                 n = len(c.ids)
                 tv = [v0] * n if v0 == v1 else [None] * n
                 rec.emit_sample(
                     request_id=rec.new_request_id(), engine_id=self.engine_id, surface="http",
                     engine_request_id=state.get("id"), prompt_token_ids=prompt, output_token_ids=c.ids,
                     logprobs=c.lps[:n] + [None] * (n - len(c.lps)), token_versions=tv, version_start=v0,
-                    version_end=v1, requested=plan.requested, resolved=resolved, num_logprobs=plan.client_k,
+                    version_end=v1, requested=plan.requested,
+                    resolved=self._resolved(plan, len(prompt) if prompt is not None else None),
+                    num_logprobs=plan.client_k,
                     finish_reason=c.finish or "abort", stop_reason=c.stop, num_cached_tokens=state.get("cached"),
                     top_token_ids=_pad(c.top_ids, n) if plan.client_k else None,
                     top_logprobs=_pad(c.top_lps, n) if plan.client_k else None, t_submit=t0,
                     t_first_token=c.t_first if plan.stream else None, t_finish=t1, group_id=gid,
-                    sample_idx=idx if multi else None, step=step,
+                    sample_idx=sample_idx, step=step,
                     extra={"endpoint": plan.kind, "stream": plan.stream},
                 )
         except Exception as e:
