@@ -293,6 +293,38 @@ def test_mid_run_weight_update_tags_tokens_and_snapshot_round_trips(engine_pool,
     _unwrap(llm)
 
 
+def test_reload_the_job_pushes_itself_is_observed_and_an_unlabeled_one_flagged(engine_pool, model_factory, tmp_path):
+    """llm.collective_rpc("reload_weights") by the job: a weight_syncs row with the engine's checksum;
+    version = the engine's label when the job relabeled since the last tokens, else -1 + a note
+    (the tokens that follow still carry the old label)."""
+    from test_replay_support import load_into, perturbed
+    from vllm import SamplingParams
+
+    model = model_factory(arch="llama", seed=1)
+    llm = engine_pool(model)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    sp = SamplingParams(temperature=1.0, max_tokens=4, seed=3)
+    try:
+        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
+        load_into(llm, perturbed(model, seed=2), model)  # unlabeled: the engine stays on "default"
+        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
+        llm.llm_engine.set_weight_version("7")  # labeled first, then reloaded: a real version
+        load_into(llm, perturbed(model, seed=3), model)
+        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
+        rec.close()
+    finally:
+        _unwrap(llm)
+        rec2 = _fresh(tmp_path / "restore")  # the shared engine back to its weights and label
+        rec2.update_weights(llm, 0, model)
+        rec2.close()
+        llm.llm_engine.set_weight_version("default")
+    syncs = _q(tmp_path / "t", "SELECT version, method, error, engine_checksum FROM weight_syncs ORDER BY t_start")
+    assert [(v, m) for v, m, _, _ in syncs] == [(-1, "collective_rpc:reload_weights"), (7, "collective_rpc:reload_weights")]
+    assert "not changed since the last tokens" in syncs[0][2] and syncs[1][2] is None
+    assert syncs[0][3] and syncs[1][3] and syncs[0][3] != syncs[1][3]  # checksums of the pushed weights
+
+
 def test_recorder_never_raises_into_the_job_on_unwritable_dir(llm, tmp_path):
     from vllm import SamplingParams
 

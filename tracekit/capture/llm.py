@@ -151,6 +151,9 @@ class _LLMHooks:
 
         # Engines with per-token spans (vLLM >= 0.32) need no label reads around each call.
         self.need_labels = not capabilities().get("weight_version_spans", False)
+        # The label the engine's last tokens were tagged with: a reload that leaves the engine on
+        # it (the job did not relabel) makes later tokens look like the old weights' tokens.
+        self.label_used = _engine_label(llm)
 
     # -------------------------------------------------------------- param preparation
     def _prepare(self, sampling_params: Any, n_prompts: int | None) -> tuple[Any, list[PreparedParams] | PreparedParams | None]:
@@ -178,6 +181,7 @@ class _LLMHooks:
         label_before = _engine_label(self.llm) if self.need_labels else None
         t0 = _now()
         outs = orig(first, send, *args, **kw)
+        self.label_used = _engine_label(self.llm)
         if prep is not None:
             try:
                 self._record(outs, prep, t0, label_before, kind)
@@ -212,13 +216,22 @@ class _LLMHooks:
 
     def _observed_sync(self, t0: _dt.datetime, *, ok: bool, error: str | None) -> None:
         try:
-            default = self.recorder.initial_weight_version
-            version = parse_version(_engine_label(self.llm), default)
+            label = _engine_label(self.llm)
+            version = parse_version(label, self.recorder.initial_weight_version)
+            notes = [error] if error else []
+            if version is None:
+                notes.append("version label unknown (-1): use rec.update_weights")
+            elif ok and label == self.label_used:
+                # Not relabeled since the last tokens: the tokens that follow get the old weights'
+                # version although other weights compute them.
+                version = None
+                notes.append(f"engine label {label!r} not changed since the last tokens (-1): later tokens "
+                             "keep the old version; label the engine (llm.llm_engine.set_weight_version) "
+                             "or use rec.update_weights")
             self.recorder.write_weight_sync(
                 engine_id=self.engine_id, version=version if version is not None else -1, step=None,
                 t_start=t0, method="collective_rpc:reload_weights", checksums=checksums_llm(self.llm, self.orig_rpc),
-                ok=ok, error=(error or "") + ("; version label unknown (-1): use rec.update_weights" if version is None else "") or None,
-                snapshot=False,
+                ok=ok, error="; ".join(notes) or None, snapshot=False,
             )
         except Exception as e:
             self.recorder._count_error(f"observe reload: {type(e).__name__}: {e}")
