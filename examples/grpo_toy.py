@@ -62,4 +62,4 @@ def main() -> int:
 if __name__ == "__main__":
     rc = main()
     sys.stdout.flush()
-    os._exit(rc)  # vLLM's engine threads can abort a normal interpreter exit (VLLM_CPU.md)
+    os._exit(rc)  # vLLM's engine threads can abort a normal interpreter exit (docs/vllm-cpu.md)

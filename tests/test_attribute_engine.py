@@ -82,7 +82,7 @@ def test_attribute_names_exactly_the_planted_causes(attributed: Any, planted: tu
     assert res.ladder and res.ladder[0].cause == "weight_sync" and res.ladder[0].applicable
     if not planted:
         assert len(res.replays_run) == 1  # a clean run needs one replay
-        assert res.gap.mean_abs_delta < 0.03  # bf16 engine vs fp32 trainer floor (VLLM_CPU.md)
+        assert res.gap.mean_abs_delta < 0.03  # bf16 engine vs fp32 trainer floor (docs/vllm-cpu.md)
 
 
 @pytest.mark.parametrize("planted", [(), ("logprob_mode",)], ids=["clean", "logprob_mode"])

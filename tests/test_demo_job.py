@@ -76,7 +76,7 @@ def test_clean_job_writes_a_valid_trace_with_trainer_logprobs_and_weight_version
     for s in m["steps"]:
         assert 0.0 <= s["reward"] <= 1.0 and 0.0 <= s["clip_rate"] <= 1.0 and s["kl_new_old"] >= 0.0
         assert s["entropy"] > 0.0
-    # Clean: engine and trainer agree to bf16-kernel noise (VLLM_CPU.md floor ~0.014).
+    # Clean: engine and trainer agree to bf16-kernel noise (docs/vllm-cpu.md floor ~0.014).
     assert _gap(res.trace) < 0.03
     assert res.rows_dropped == 0 and res.recorder_errors == 0
 

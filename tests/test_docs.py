@@ -23,3 +23,15 @@ def test_readme_starts_with_the_two_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_relative_links_in_docs_resolve() -> None:
+    """Every relative markdown link in README.md and docs/ points at a file of the repo."""
+    import re
+
+    bad = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                bad.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not bad, bad

@@ -207,7 +207,7 @@ def test_old_python_replays_a_trace_end_to_end(recorded: dict[str, Any], old_pyt
 
 def test_reference_agrees_with_float32_score(recorded: dict[str, Any]) -> None:
     """HF transformers fp32 forward vs vLLM score on a float32 engine, per weight version.
-    VLLM_CPU.md measured mean 7.5e-6 / max 6e-5 for engine fp32 vs HF fp32."""
+    docs/vllm-cpu.md measured mean 7.5e-6 / max 6e-5 for engine fp32 vs HF fp32."""
     from tracekit.replay import replay
 
     root = recorded["root"]

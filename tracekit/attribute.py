@@ -37,7 +37,7 @@ ATTR_PREFIX = "attr-"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Decision thresholds, in mean |Δ| nats, set from the floors measured in VLLM_CPU.md.
+    """Decision thresholds, in mean |Δ| nats, set from the floors measured in docs/vllm-cpu.md.
 
     A bf16 engine with an fp32 head against an fp32 trainer differs by ~0.014 mean |Δ| (bf16
     kernels differ between vLLM and torch): that is the floor no fix removes.

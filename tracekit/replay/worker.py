@@ -111,7 +111,7 @@ def _shutdown(llm: Any) -> None:
 def write_snapshot_dir(trace_root: Path, tensors: list[tuple[str, str]], model_dir: str | None, out: Path) -> Path:
     """Verified blobs → ``out/model.safetensors`` + the model's config files beside it.
 
-    vLLM re-reads generation defaults from the reload path in-process (VLLM_CPU.md), so
+    vLLM re-reads generation defaults from the reload path in-process (docs/vllm-cpu.md), so
     config.json / generation_config.json must sit beside the weights.
     """
     import safetensors.torch as st

@@ -32,7 +32,7 @@ CAUSES = ("logprob_mode", "runtime_defaults", "weight_sync", "lm_head_precision"
 # never asked for top_k, does not apply. A small k makes the gap clearly larger than bf16 noise.
 PLANTED_GENERATION_DEFAULTS: dict[str, Any] = {"top_k": 3}
 
-# Engine args every demo/test engine uses on a CPU box (see VLLM_CPU.md).
+# Engine args every demo/test engine uses on a CPU box (see docs/vllm-cpu.md).
 CPU_ENGINE_ARGS: dict[str, Any] = {
     "dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 512
 }
