@@ -333,6 +333,8 @@ CASES: list[Case] = [
          ("weights", "export", "{trace}", "1", "--out", "{work}/out"), "sha256"),
     Case("no_snapshot_for_version_export", _noop, ("weights", "export", "{trace}", "5", "--out", "{work}/out"),
          "no weight snapshot for version 5"),
+    Case("export_out_is_a_file", lambda root, work: (work / "afile").write_text("x"),
+         ("weights", "export", "{trace}", "1", "--out", "{work}/afile"), "afile: exists and is not a directory"),
     Case("unknown_model_path_export", _noop,
          ("weights", "export", "{trace}", "1", "--out", "{work}/out", "--like", "{work}/no/such/model"), "does not exist"),
     # --- SQL

@@ -251,8 +251,9 @@ def run(job: dict[str, Any], out: BinaryIO, inp: BinaryIO) -> None:
     except Exception as e:  # noqa: BLE001 - every failure goes back to the parent as one line
         from ..errors import TracekitError
 
-        kind = "bad_input" if isinstance(e, TracekitError) else "crash"
-        send(out, {"type": "error", "kind": kind, "message": f"{type(e).__name__}: {_one_line(e)}",
+        bad = isinstance(e, TracekitError)  # our own errors are worded for the user already
+        send(out, {"type": "error", "kind": "bad_input" if bad else "crash",
+                   "message": _one_line(e) if bad else f"{type(e).__name__}: {_one_line(e)}",
                    "traceback": traceback.format_exc()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

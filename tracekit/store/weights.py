@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from ..errors import WeightsError
+from ..errors import TracekitError, WeightsError
 from .parquet import fsync_dir
 
 if TYPE_CHECKING:
@@ -164,6 +164,9 @@ def export_snapshot(trace: Trace, version: int, out_dir: Path, *, like: Path | N
     import safetensors.torch as st
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TracekitError(f"{out_dir}: exists and is not a directory (the output is a directory; "
+                            "model.safetensors is written into it)")
     tensors = load_snapshot(trace, version)  # verify everything before creating anything
     out_dir.mkdir(parents=True, exist_ok=True)
     st.save_file(tensors, str(out_dir / "model.safetensors"))
