@@ -193,6 +193,15 @@ def test_validate_finds_orphan_tokens(good_trace: Path) -> None:
     assert res.returncode == 2 and "not in requests" in res.stderr
 
 
+def test_validate_warns_about_trainer_logprobs_past_the_sample(good_trace: Path) -> None:
+    w = TraceWriter(good_trace, flush_interval=60)  # request 0 has 5 tokens; the trainer sent 7
+    w.write_columns("trainer", {"pos": np.arange(7, dtype=np.int32), "logprob": np.zeros(7, dtype=np.float32)},
+                    request_id=0, step=0, policy_version=0)
+    w.close()
+    res = run_cli("validate", str(good_trace))
+    assert res.returncode == 0 and "2 trainer logprob(s) at positions past" in res.stdout + res.stderr
+
+
 def test_bad_cli_arguments() -> None:
     res = run_cli("info")
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -44,6 +44,10 @@ _CHECKS: list[tuple[str, str, str, str]] = [
      "warning", "{n} request(s) have fewer token rows than output tokens (a crash between parts, or dropped rows)"),
     ("orphan_trainer", "SELECT count(*) FROM trainer t ANTI JOIN requests r USING (request_id)",
      "warning", "{n} trainer row(s) whose request_id is not in requests (yet)"),
+    ("trainer_past_sample",
+     "SELECT count(*) FROM trainer t JOIN requests r USING (request_id) WHERE t.pos >= len(r.output_token_ids)",
+     "warning", "{n} trainer logprob(s) at positions past their sample's last token (more logprobs than tokens: "
+     "misaligned? comparisons ignore them)"),
     ("orphan_rewards", "SELECT count(*) FROM rewards t ANTI JOIN requests r USING (request_id)",
      "warning", "{n} reward row(s) whose request_id is not in requests (yet)"),
     ("versions_without_snapshot",
