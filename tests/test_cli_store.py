@@ -202,6 +202,14 @@ def test_validate_warns_about_trainer_logprobs_past_the_sample(good_trace: Path)
     assert res.returncode == 0 and "2 trainer logprob(s) at positions past" in res.stdout + res.stderr
 
 
+def test_sql_json_is_strict_json(good_trace: Path) -> None:
+    res = run_cli("sql", str(good_trace), "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b, "
+                  "['-inf'::DOUBLE, 1.5] AS c, {'x': 'nan'::FLOAT} AS d", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert got == [{"a": None, "b": "inf", "c": ["-inf", 1.5], "d": {"x": None}}]
+
+
 def test_bad_cli_arguments() -> None:
     res = run_cli("info")
     assert res.returncode == 2 and "Traceback" not in res.stderr
