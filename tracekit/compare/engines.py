@@ -61,7 +61,7 @@ def _settings(row: Mapping[str, Any]) -> dict[str, Any]:
                 v = json.loads(v)
             except ValueError:
                 pass  # compared as the raw string
-        _flatten(f, v, out) if isinstance(v, dict) else out.__setitem__(f, v)
+        _flatten(f, v, out)
     return {k: v for k, v in out.items() if k not in _IGNORED}
 
 
