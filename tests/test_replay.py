@@ -257,8 +257,15 @@ def test_resume_after_kill_has_no_duplicated_or_lost_rows(recorded: dict[str, An
         time.sleep(0.02)
     assert proc.poll() is None, f"replay ended before it could be killed: {proc.communicate()[1][-500:]!r}"
     time.sleep(0.3)
+    import psutil
+
+    below = psutil.Process(proc.pid).children(recursive=True)  # the worker, vLLM's engine core + executor
+    assert len(below) >= 2, below
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # ... and none of them outlives the killed replay (an orphaned engine would hold the device).
+    _, alive = psutil.wait_procs(below, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     done = q(root, "SELECT count(*) FROM replay_requests WHERE replay='kill'")[0][0]
     assert 0 < done < 24, done
 

@@ -262,13 +262,28 @@ def run(job: dict[str, Any], out: BinaryIO, inp: BinaryIO) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies, so a killed replay leaves no engine behind."""
-    # Other platforms: the worker stops at its next pipe write instead.
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
+    """When the parent dies (a killed ``tracekit replay``), take vLLM's processes down too.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    The worker leads its own process group (``start_new_session``), and vLLM's engine-core and
+    executor processes are in it. Killing only the worker (as a SIGKILL death signal would)
+    orphans them, holding the device's memory; so a thread watches the parent and kills the
+    whole group. The parent writes every result itself: nothing recorded is lost.
+    """
+    import signal
+    import threading
+
+    parent = os.getppid()
+    own_group = os.getpgrp() == os.getpid()  # never kill a group this process does not lead
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if own_group:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="tracekit-parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
