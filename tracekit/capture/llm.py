@@ -184,7 +184,7 @@ class _LLMHooks:
         self.label_used = _engine_label(self.llm)
         if prep is not None:
             try:
-                self._record(outs, prep, t0, label_before, kind)
+                self._record(outs, prep, t0, label_before, self.label_used, kind)
             except Exception as e:
                 self.recorder._count_error(f"record {kind}: {type(e).__name__}: {e}")
             finally:
@@ -237,11 +237,12 @@ class _LLMHooks:
             self.recorder._count_error(f"observe reload: {type(e).__name__}: {e}")
 
     # -------------------------------------------------------------- recording
-    def _record(self, outs: list, prep: Any, t0: _dt.datetime, label_before: str | None, kind: str) -> None:
+    def _record(self, outs: list, prep: Any, t0: _dt.datetime, label_before: str | None, label_after: str | None,
+                kind: str) -> None:
         rec = self.recorder
         t1 = _now()
         default = rec.initial_weight_version
-        fb = (parse_version(label_before, default), parse_version(_engine_label(self.llm), default)) \
+        fb = (parse_version(label_before, default), parse_version(label_after, default)) \
             if self.need_labels else (None, None)
         step = rec.current_step
         self.calls += 1
