@@ -27,7 +27,7 @@ import duckdb
 
 from .causes import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, all_causes
 from .compare.engines import EngineChange, engine_changes
-from .compare.metrics import Metrics, finite_or_str, overall
+from .compare.metrics import Metrics, json_safe, overall
 from .errors import TracekitError
 from .store.reader import Trace
 from .store.reader import json_value as _json
@@ -125,7 +125,7 @@ class Attribution:
         return [c.id for c in self.causes if c.verdict == PRESENT]
 
     def as_dict(self) -> dict[str, Any]:
-        return _json_safe({
+        return json_safe({
             "trace": self.trace,
             "gap": {"definition": self.gap_definition, **(self.gap.as_dict() if self.gap else {})},
             "thresholds": asdict(self.thresholds),
@@ -139,14 +139,6 @@ class Attribution:
             "engine_changes": {r: [c.as_dict() for c in cs] for r, cs in self.engine_changes.items()},
             "notes": self.notes,
         })
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return finite_or_str(v)
 
 
 class AttributionError(TracekitError):

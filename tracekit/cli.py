@@ -88,16 +88,6 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, soft_wrap=False)
 
 
-def _json_safe(v: Any) -> Any:
-    from .compare.metrics import finite_or_str
-
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    return finite_or_str(v)
-
-
 def emit_rows(cols: list[str], rows: list[tuple[Any, ...]], fmt: str, title: str | None = None) -> None:
     """Print query results as a rich table, CSV or JSON lines-free JSON array."""
     if fmt == "csv":
@@ -107,7 +97,9 @@ def emit_rows(cols: list[str], rows: list[tuple[Any, ...]], fmt: str, title: str
         w.writerows(rows)
         click.echo(buf.getvalue(), nl=False)
     elif fmt == "json":  # strict JSON (jq, browsers): NaN → null, ±inf → "inf"/"-inf", nested too
-        click.echo(json.dumps([{c: _json_safe(v) for c, v in zip(cols, r)} for r in rows], default=str, indent=1,
+        from .compare.metrics import json_safe
+
+        click.echo(json.dumps([{c: json_safe(v) for c, v in zip(cols, r)} for r in rows], default=str, indent=1,
                               allow_nan=False))
     else:
         from rich.table import Table

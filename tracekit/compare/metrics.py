@@ -59,6 +59,15 @@ def finite_or_str(v: Any) -> Any:
     return v
 
 
+def json_safe(v: Any) -> Any:
+    """``finite_or_str`` applied through nested dicts, lists and tuples (tuples become lists)."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return finite_or_str(v)
+
+
 def list_sources(trace: Trace) -> list[str]:
     """Source names available in ``trace``: recorded, trainer, replay:<name>[:processed]."""
     return list(views.source_sql(trace))
