@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..attribute import Context, Rung
+    from .context import Context, Rung
 
 PRESENT, ABSENT, INCONCLUSIVE = "present", "absent", "inconclusive"
 
@@ -52,6 +52,10 @@ class Ablation:
 class Verdict:
     verdict: str
     reason: str
+    # Present only because its fix ALONE closes a gap that another cause's fix also closes (not
+    # needed once the other fixes are in): attribute() keeps it only if no present cause shows a
+    # setting the job did not ask for (``Cause.unasked``).
+    alternative: bool = False
 
 
 class Cause(ABC):
@@ -76,6 +80,12 @@ class Cause(ABC):
     @abstractmethod
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
         """The verdict from the signatures and, when it ran, the ablation rung."""
+
+    def unasked(self, ctx: Context, evidence: list[Evidence]) -> str | None:
+        """The setting the job did not ask for that this cause's evidence shows (e.g. sampling
+        defaults from the model file), or None. When two fixes close the same gap, the cause
+        with such a setting is named: its fix restores what the job intended."""
+        return None
 
     def fix_for(self, ctx: Context, evidence: list[Evidence]) -> str:
         """The exact fix; may depend on what the evidence found."""

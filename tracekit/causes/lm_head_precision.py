@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .base import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..attribute import Context, Rung
+    from .context import Context, Rung
 
 BREADTH_SQL = """
 SELECT count(*) AS tokens,
@@ -55,14 +55,18 @@ class LmHeadPrecision(Cause):
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
         if evidence and evidence[0].signal is False:
             return Verdict(ABSENT, "the engine's lm_head already runs in float32")
-        if rung is None or rung.closed is None:
-            if ctx.has_trainer and (ctx.gap("recorded", where="true") or 0) <= ctx.t.material_gap:
+        if rung is None or rung.alone_closed is None:
+            if ctx.has_trainer and (ctx.gap("recorded", where="true") or 0) <= ctx.cal.material:
                 return Verdict(ABSENT, "the recorded-vs-trainer gap is within the noise floor")
             return Verdict(INCONCLUSIVE, "bf16 head; needs a replay with an fp32 head to measure its share")
-        if (rung.closed or 0) >= ctx.t.min_close and (rung.relative or 0) >= ctx.t.min_share:
-            return Verdict(PRESENT, f"an fp32 head closes {_pct(rung.share)} of the gap "
-                           f"({_f(rung.gap_before)} → {_f(rung.gap_after)})")
-        return Verdict(ABSENT, f"an fp32 head does not move the gap ({_f(rung.gap_before)} → {_f(rung.gap_after)})")
+        alone, needed = ctx.judge(rung)
+        what = (f"an fp32 head alone takes the gap {_f(rung.alone_before)} → {_f(rung.alone_after)}; "
+                f"with every other fix in, {_f(rung.without)} → {_f(rung.with_all)}")
+        if needed:
+            return Verdict(PRESENT, what)
+        if alone:
+            return Verdict(PRESENT, what + " (another fix closes the same gap)", alternative=True)
+        return Verdict(ABSENT, f"an fp32 head does not move the gap beyond noise: {what}")
 
 
 def _f(x: float | None) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .base import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..attribute import Context, Rung
+    from .context import Context, Rung
 
 # Requests whose processed distribution differs from the raw one (greedy returns raw logprobs).
 PROCESSING = ("(coalesce(temperature, 1.0) >= 1e-5 AND (coalesce(temperature, 1.0) <> 1.0 "
@@ -48,7 +48,7 @@ class LogprobMode(Cause):
             g_u = ctx.metrics("recorded", "trainer", where=f"NOT {PROCESSING}").mean_abs_delta
             sig = None
             if g_p is not None and g_u is not None:
-                sig = g_u <= ctx.t.material_gap < g_p - g_u
+                sig = g_u <= ctx.cal.material < g_p - g_u
             ev.append(Evidence(
                 f"recorded-vs-trainer mean |Δ| {_f(g_p)} where processing applies, {_f(g_u)} at T=1 untruncated",
                 "tracekit sql TRACE --query delta_by_sampling",
@@ -63,28 +63,33 @@ class LogprobMode(Cause):
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
         if any(e.signal is False and "processed_requests" in e.numbers for e in evidence):
             return Verdict(ABSENT, "every request sampled at T=1 without truncation: raw = processed")
-        if rung is None or rung.closed is None:
+        if rung is None or rung.alone_closed is None:
             split = [e for e in evidence if "gap_plain_requests" in e.numbers]
             if split and split[0].signal:
                 return Verdict(PRESENT, "the gap appears only where temperature/truncation apply "
                                "(no replay run to measure its share)")
-            if ctx.has_trainer and (ctx.gap("recorded", where="true") or 0) <= ctx.t.material_gap:
+            if ctx.has_trainer and (ctx.gap("recorded", where="true") or 0) <= ctx.cal.material:
                 return Verdict(ABSENT, "the recorded-vs-trainer gap is within the noise floor")
             return Verdict(INCONCLUSIVE, "needs a score replay to compare raw and processed logprobs")
         mode = ctx.recorded_mode
         other = "processed" if mode == "raw" else "raw"
-        g_mode = ctx.gap(ctx.source(rung.replay, mode)) if rung.replay else None
-        g_other = ctx.gap(ctx.source(rung.replay, other)) if rung.replay else None
+        alone, needed = ctx.judge(rung)
         evidence.append(Evidence(
-            f"trainer vs the same replay's {mode} logprobs: mean |Δ| {_f(g_mode)}; "
-            f"vs its {other} logprobs: {_f(g_other)}",
+            f"trainer vs the faithful replay's {mode} logprobs: mean |Δ| {_f(rung.alone_before)}; "
+            f"vs its {other} logprobs: {_f(rung.alone_after)}; with every other fix in: {mode} "
+            f"{_f(rung.without)}, best kind {_f(rung.with_all)}",
             "tracekit sql TRACE --query gap_by_source",
-            {"gap_recorded_mode": g_mode, "gap_other_mode": g_other, "recorded_mode": mode},
-            _closes(ctx, rung),
+            {"gap_recorded_mode": rung.alone_before, "gap_other_mode": rung.alone_after,
+             "gap_recorded_mode_all_fixes": rung.without, "gap_best_mode_all_fixes": rung.with_all,
+             "recorded_mode": mode},
+            needed or alone,
         ))
-        if _closes(ctx, rung):
-            return Verdict(PRESENT, f"the engine returned {mode} logprobs, the trainer's match {other} ones "
-                           f"(gap {_f(rung.gap_before)} → {_f(rung.gap_after)})")
+        what = f"the engine returned {mode} logprobs, the trainer's match {other} ones"
+        if needed:
+            return Verdict(PRESENT, f"{what} (gap {_f(rung.without)} → {_f(rung.with_all)} with every other fix in)")
+        if alone:
+            return Verdict(PRESENT, f"{what} on the recorded params (gap {_f(rung.alone_before)} → "
+                           f"{_f(rung.alone_after)}), but not once the other fixes are in", alternative=True)
         return Verdict(ABSENT, f"the trainer's logprobs match the recorded {mode} kind")
 
     def fix_for(self, ctx: Context, evidence: list[Evidence]) -> str:
@@ -92,10 +97,6 @@ class LogprobMode(Cause):
             return ('Return the logprobs the trainer uses: LLM(..., logprobs_mode="raw_logprobs") '
                     "(vLLM's default), or have the trainer score processed logprobs.")
         return self.fix
-
-
-def _closes(ctx: Context, rung: Rung) -> bool:
-    return (rung.closed or 0) >= ctx.t.min_close and (rung.relative or 0) >= ctx.t.min_share
 
 
 def _f(x: float | None) -> str:

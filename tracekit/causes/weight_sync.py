@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import ABSENT, INCONCLUSIVE, PRESENT, Ablation, Cause, Evidence, Verdict
+from .context import SINGLE_VERSION, ReplayConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..attribute import Context, Rung
+    from .context import Context, Rung
 
 # Syncs whose engine checksum equals the checksum recorded after a sync of ANOTHER version whose
 # snapshot differs: the engine holds that other version's weights.
@@ -33,7 +34,21 @@ ORDER BY a.version
 
 FAILED_SYNCS_SQL = "SELECT version, step, error FROM weight_syncs WHERE ok = false ORDER BY version"
 
-SINGLE_VERSION = "weight_version_start IS NOT DISTINCT FROM weight_version_end"
+# Tokens the trainer scored under another policy version than the engine sampled them with (the
+# recorder tags each token with the engine's version; the trainer states its own).
+TRAINER_VERSION_SQL = """
+SELECT count(*) AS tokens,
+       count(*) FILTER (WHERE t.weight_version <> tr.policy_version) AS mismatched,
+       count(DISTINCT t.request_id) FILTER (WHERE t.weight_version <> tr.policy_version) AS requests,
+       avg(abs(t.logprob - tr.logprob)) FILTER (WHERE t.weight_version <> tr.policy_version
+                                               AND isfinite(t.logprob - tr.logprob)) AS gap_mismatched,
+       avg(abs(t.logprob - tr.logprob)) FILTER (WHERE t.weight_version = tr.policy_version
+                                               AND isfinite(t.logprob - tr.logprob)) AS gap_matched
+FROM tokens AS t JOIN trainer AS tr ON t.request_id = tr.request_id AND t.pos = tr.pos
+WHERE t.weight_version IS NOT NULL AND tr.policy_version IS NOT NULL
+"""
+
+UNKNOWN_VERSION_SQL = "SELECT count(*) FILTER (WHERE weight_version IS NULL) AS unknown, count(*) AS tokens FROM tokens"
 
 
 class WeightSync(Cause):
@@ -74,7 +89,28 @@ class WeightSync(Cause):
                 f"recorded-vs-trainer mean |Δ| {_f(g_first)} on version {first}, {_f(g_later)} after updates",
                 "tracekit diff TRACE --by weight_version",
                 {"gap_first_version": g_first, "gap_after_updates": g_later, "jump": jump, "versions": len(versions)},
-                None if jump is None else jump > ctx.t.material_gap,
+                None if jump is None else jump > ctx.cal.material,
+            ))
+        if ctx.has_trainer:
+            tv = ctx.rows(TRAINER_VERSION_SQL)[0]
+            # Evidence only where the mismatched tokens also disagree more: a trainer that labels its
+            # versions otherwise (a constant, another numbering) but scores right is not a fault.
+            gm, gk = tv["gap_mismatched"], tv["gap_matched"]
+            sig = None
+            if tv["mismatched"]:
+                sig = gm is not None and gm > (gk if gk is not None else ctx.cal.floor_used) + ctx.cal.material
+            ev.append(Evidence(
+                f"{tv['mismatched']} of {tv['tokens']} token(s) in {tv['requests']} request(s) were sampled with "
+                f"another weight version than the policy_version the trainer scored them under (mean |Δ| "
+                f"{_f(gm)} there, {_f(gk)} where the versions agree)",
+                TRAINER_VERSION_SQL.strip(), {"trainer_version_mismatch": tv}, sig,
+            ))
+        unk = ctx.rows(UNKNOWN_VERSION_SQL)[0]
+        if unk["unknown"]:
+            ev.append(Evidence(
+                f"{unk['unknown']} of {unk['tokens']} token(s) have no weight version (the recorder could not "
+                "know it, see the weight_syncs notes); they are left out of version checks",
+                "tracekit sql TRACE \"SELECT * FROM weight_syncs\"", {"unknown_version_tokens": unk}, None,
             ))
         elif len(versions) <= 1:
             ev.append(Evidence("a single weight version in the trace: nothing was synced", "tracekit info TRACE",
@@ -87,6 +123,10 @@ class WeightSync(Cause):
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
         stale = any(e.signal for e in evidence if "stale_syncs" in e.numbers or "failed" in e.numbers)
         single = any(e.signal is False and "single_version" in e.numbers for e in evidence)
+        mismatch = any(e.signal for e in evidence if "trainer_version_mismatch" in e.numbers)
+        if mismatch:
+            return Verdict(PRESENT, "the trainer scored tokens under another weight version than the engine "
+                           "sampled them with (an update landed mid-request or the trainer's version is off)")
         if rung is None or rung.replay is None:
             if stale:
                 return Verdict(PRESENT, "the engine checksum after an update shows another version's weights")
@@ -97,43 +137,62 @@ class WeightSync(Cause):
             return Verdict(ABSENT, "no checksum repeat and no jump of the gap at updates (no replay run)")
         mode = ctx.recorded_mode
         faithful = ctx.source(rung.replay, mode)
-        repro = ctx.metrics("recorded", faithful, where=SINGLE_VERSION)
-        tol = ctx.repro_tol(rung.replay)
+        first = ctx.first_version()
+        later = SINGLE_VERSION + ("" if first is None else f" AND weight_version_start > {int(first)}")
+        repro = ctx.metrics("recorded", faithful, where=later)
+        tol = ctx.cal.tol
         evidence.append(Evidence(
-            f"recorded vs a replay under the claimed weights ({faithful}): mean |Δ| {_f(repro.mean_abs_delta)} "
-            f"on {repro.tokens} tokens (same engine config; must reproduce to ≤ {tol})",
+            f"recorded vs a replay under the claimed weights ({faithful}) after the first update: mean |Δ| "
+            f"{_f(repro.mean_abs_delta)} on {repro.tokens} tokens (reproduces within {tol:.3g} = "
+            f"{ctx.t.noise_k:g} × the replay noise {_f(ctx.cal.noise)} measured before any update)",
             f"tracekit diff TRACE --a recorded --b {faithful} --by weight_version",
-            {"mean_abs_delta": repro.mean_abs_delta, "tokens": repro.tokens, "max_abs_delta": repro.max_abs_delta},
+            {"mean_abs_delta": repro.mean_abs_delta, "tokens": repro.tokens, "max_abs_delta": repro.max_abs_delta,
+             "tolerance": tol},
             None if repro.mean_abs_delta is None else repro.mean_abs_delta > tol,
         ))
         if repro.mean_abs_delta is None or repro.mean_abs_delta <= tol:
+            if single:
+                return Verdict(ABSENT, "a single weight version: no update to get wrong")
             if stale:
                 return Verdict(INCONCLUSIVE, "a checksum repeats another version's, yet a replay under the "
                                "claimed weights reproduces the recorded logprobs")
-            return Verdict(ABSENT, f"a replay under the claimed weights reproduces the recorded logprobs "
-                           f"(mean |Δ| {_f(repro.mean_abs_delta)})")
-        prev = self._previous_version(ctx, evidence, mode)
+            return Verdict(ABSENT, f"a replay under the claimed weights reproduces the recorded logprobs after "
+                           f"every update (mean |Δ| {_f(repro.mean_abs_delta)} ≤ {tol:.3g})")
+        prev = self._previous_version(ctx, evidence, mode, later)
         if prev is not None:
-            d_prev, d_claim, _src = prev
+            d_prev, d_claim = prev
             if d_prev is not None and d_claim is not None and d_prev < 0.5 * d_claim:
                 return Verdict(PRESENT, f"recorded logprobs match the PREVIOUS weight version (mean |Δ| "
                                f"{_f(d_prev)}) better than the claimed one ({_f(d_claim)})")
+        hit = ctx.metrics("recorded", faithful, where=f"{later} AND cache_hit")
+        miss = ctx.metrics("recorded", faithful, where=f"{later} AND NOT cache_hit")
+        stale_kv = (hit.tokens > 0 and (hit.mean_abs_delta or 0) > tol
+                    and (miss.tokens == 0 or (miss.mean_abs_delta or 0) <= tol))
+        evidence.append(Evidence(
+            f"after updates, requests with prefix-cache hits: mean |Δ| {_f(hit.mean_abs_delta)} to the faithful "
+            f"replay on {hit.tokens} tokens; without hits: {_f(miss.mean_abs_delta)} on {miss.tokens}",
+            "tracekit sql TRACE --query prefix_cache_hits",
+            {"stale_kv": stale_kv, "gap_hits": hit.mean_abs_delta, "gap_misses": miss.mean_abs_delta}, stale_kv,
+        ))
+        if stale_kv:
+            return Verdict(PRESENT, "after weight updates only requests that hit the prefix cache differ from the "
+                           "claimed weights: they reused KV computed with older weights (prefix cache not reset)")
         if stale:
             return Verdict(PRESENT, "the engine checksum after an update shows another version's weights, "
                            "and a replay under the claimed weights does not reproduce the recording")
         return Verdict(INCONCLUSIVE, f"a replay under the claimed weights does not reproduce the recording "
-                       f"(mean |Δ| {_f(repro.mean_abs_delta)}) and the previous version does not explain it")
+                       f"(mean |Δ| {_f(repro.mean_abs_delta)} > {tol:.3g}) and neither the previous version nor "
+                       "the prefix cache explains it")
 
-    def _previous_version(self, ctx: Context, evidence: list[Evidence], mode: str) -> tuple | None:
-        from ..attribute import ReplayConfig
-
+    def _previous_version(self, ctx: Context, evidence: list[Evidence], mode: str,
+                          later: str) -> tuple[float | None, float | None] | None:
         if len(ctx.snapshot_versions()) < 2:
             return None
         base = ctx.replay_for(ReplayConfig())
         name = ctx.replay_for(ReplayConfig(requests="previous_version"))
         if name is None or base is None:
             return None
-        where = (f"{SINGLE_VERSION} AND request_id IN (SELECT request_id FROM replay_requests "
+        where = (f"{later} AND request_id IN (SELECT request_id FROM replay_requests "
                  f"WHERE replay = '{name}' AND status = 'ok')")
         src = ctx.source(name, mode)
         d_prev = ctx.metrics("recorded", src, where=where).mean_abs_delta
@@ -145,7 +204,7 @@ class WeightSync(Cause):
             {"previous_version_mean_abs_delta": d_prev, "claimed_version_mean_abs_delta": d_claim},
             None if d_prev is None or d_claim is None else d_prev < 0.5 * d_claim,
         ))
-        return d_prev, d_claim, src
+        return d_prev, d_claim
 
 
 def _f(x: float | None) -> str:
