@@ -20,6 +20,10 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from tracekit import amx
+
+amx.enable()  # AMX hosts: this process and vLLM's spawned workers ask for tile state
+
 
 def _thread_clock(thread: object) -> int | None:
     try:

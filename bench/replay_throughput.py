@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from tracekit import amx
+
+amx.enable()  # AMX hosts: this process and vLLM's spawned workers ask for tile state
+
 HERE = Path(__file__).resolve()
 CPU_ARGS: dict[str, Any] = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "max_model_len": 512}
 

@@ -11,10 +11,15 @@ from typing import Any
 
 import pytest
 
+from tracekit import amx
+
 # Engine defaults for this CPU box, set before vLLM is imported anywhere.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: ~2 s start-up
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# AMX hosts (docs/vllm-cpu.md): this process and every process it starts (vLLM's spawned engine
+# workers, servers, replay workers) ask for AMX tile state before running vLLM's AMX kernels.
+amx.enable()
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = dict(
     dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0, max_model_len=512

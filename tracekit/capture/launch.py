@@ -1,11 +1,13 @@
 """Zero-code recording: ``tracekit record --out TRACE -- python train.py ...``.
 
-The CLI runs the command with ``tracekit/capture/_boot`` first on ``PYTHONPATH``; Python imports
-its ``sitecustomize`` at start-up, which installs an import hook. The hook does not import vLLM
-itself: when the job imports ``vllm.entrypoints.llm`` / ``vllm.v1.engine.async_llm``, it patches
-``LLM.__init__`` / ``AsyncLLM.__init__`` so every engine the job builds is wrapped by one
-process-wide Recorder (created lazily, so vLLM's worker processes never open the trace).
-``os._exit`` is patched to flush the recorder first (vLLM scripts often exit that way).
+The CLI runs the command with ``tracekit/_boot`` first on ``PYTHONPATH`` (``amx.child_env``);
+Python imports its ``sitecustomize`` at start-up, which asks for AMX tile state where the CPU has
+AMX (tracekit/amx.py) and, with ``TRACEKIT_RECORD_OUT`` set, calls :func:`install`: an import
+hook. The hook does not import vLLM itself: when the job imports ``vllm.entrypoints.llm`` /
+``vllm.v1.engine.async_llm``, it patches ``LLM.__init__`` / ``AsyncLLM.__init__`` so every
+engine the job builds is wrapped by one process-wide Recorder (created lazily, so vLLM's worker
+processes never open the trace). ``os._exit`` is patched to flush the recorder first (vLLM
+scripts often exit that way).
 """
 # ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import os
 import signal
 import subprocess
@@ -24,12 +25,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import amx
 from ..errors import TracekitError
 
 ENV_OUT = "TRACEKIT_RECORD_OUT"
 ENV_SNAPSHOT_EVERY = "TRACEKIT_SNAPSHOT_EVERY"
 ENV_FLUSH = "TRACEKIT_FLUSH_INTERVAL"
-BOOT_DIR = Path(__file__).resolve().parent / "_boot"
+BOOT_DIR = Path(amx.BOOT_DIR)
 
 _recorder: Any = None
 _lock = threading.Lock()
@@ -136,18 +138,6 @@ def install() -> None:
         os._exit = _exit  # type: ignore[assignment]
 
 
-def _boot(boot_file: str) -> None:
-    """sitecustomize entry: install the hook, then run any sitecustomize we shadowed."""
-    if os.environ.get(ENV_OUT):
-        install()
-    here = str(Path(boot_file).resolve().parent)
-    rest = [p for p in sys.path if p and str(Path(p).resolve()) != here]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
-    if spec is not None and spec.loader is not None and spec.origin and Path(spec.origin).resolve() != Path(boot_file).resolve():
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-
-
 def record_command(cmd: Sequence[str], out: str | os.PathLike[str], *, snapshot_every: int = 1,
                    flush_interval: float = 1.0) -> int:
     """Run ``cmd`` with recording on; return its exit code (signals are forwarded)."""
@@ -160,7 +150,7 @@ def record_command(cmd: Sequence[str], out: str | os.PathLike[str], *, snapshot_
     env[ENV_OUT] = str(out_p.resolve())
     env[ENV_SNAPSHOT_EVERY] = str(int(snapshot_every))
     env[ENV_FLUSH] = str(float(flush_interval))
-    env["PYTHONPATH"] = os.pathsep.join([str(BOOT_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    amx.child_env(env)
     try:
         proc = subprocess.Popen(list(cmd), env=env)
     except FileNotFoundError:

@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import amx
 from ..testing.faults import DEFAULT_LOGIT_OFFSET, Faults, engine_args, prepare_model, reload_dir
 from . import task
+
+amx.enable()  # engines built after this import, and vLLM's spawned workers, get AMX tile state
 
 METRICS_FILE = Path("job") / "metrics.json"
 _log = logging.getLogger("tracekit.demo")

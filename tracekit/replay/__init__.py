@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from .. import amx
 from ..errors import EngineError, TracekitError
 
 MODES = ("score", "regenerate", "forced", "reference")
@@ -302,6 +303,7 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
     # The worker runs this tracekit's code (same pipe protocol) even if the target venv holds
     # another copy; it needs only tracekit's core dependencies + vLLM there.
     env["PYTHONPATH"] = os.pathsep.join([str(_PKG_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    amx.child_env(env)  # AMX hosts: the worker and vLLM's processes below it ask for tile state
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

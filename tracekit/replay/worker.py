@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import amx
 from . import modes
 
 # ---------------------------------------------------------------------- pipe protocol
@@ -289,6 +290,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
+    amx.enable()  # before any engine: AMX tile state here and in vLLM's spawned processes
     job = json.loads(Path(argv[0]).read_text())
     out = os.fdopen(int(argv[1]), "wb", buffering=1 << 16)
     try:
