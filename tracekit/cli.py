@@ -535,6 +535,16 @@ def demo(out: Path, new_python: str | None, faults: tuple[str, ...], clean: bool
         sys.exit(1)
 
 
+@cli.command("doctor")
+def doctor_cmd() -> None:
+    """What this host needs to run vLLM engines: CPU flags, versions, AMX init and its recipe."""
+    from .doctor import checks
+
+    rows = checks()
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{w}}  {v}")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
