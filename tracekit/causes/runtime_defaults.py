@@ -144,8 +144,12 @@ class RuntimeDefaults(Cause):
             if alone:
                 return PRESENT, True, (f"{applied}; without them the gap goes {_f(rung.alone_before)} → "
                                        f"{_f(rung.alone_after)}")
-            return ABSENT, False, (f"{applied}, but the trainer's logprobs fit them "
-                                   f"(requested {_f(d_req)} vs resolved {_f(d_res)})")
+            if d_res is not None and d_req is not None and d_req - d_res > ctx.cal.tol:
+                return ABSENT, False, (f"{applied}, but the trainer scores under them too "
+                                       f"(trainer vs requested {_f(d_req)}, vs resolved {_f(d_res)})")
+            return ABSENT, False, (f"{applied}, but they change the sampled distribution by less than the "
+                                   f"tolerance {ctx.cal.tol:.3g} (trainer vs requested {_f(d_req)}, vs resolved "
+                                   f"{_f(d_res)})")
         if not ctx.has_trainer:
             return INCONCLUSIVE, False, f"{applied}; no trainer logprobs to measure their effect"
         g = ctx.gap("recorded", where="true") or 0
