@@ -26,13 +26,15 @@ from tracekit.testing.faults import DEFAULT_LOGIT_OFFSET, Faults, prepare_model
 
 pytestmark = pytest.mark.engine
 
-# What the fix must name for each cause (vLLM's own argument names).
+# What the fix must name for each cause (vLLM's own argument names); weight_sync's depends on how
+# the push went wrong.
 FIX_NAMES = {
     "logprob_mode": "processed_logprobs",
     "runtime_defaults": 'generation_config="vllm"',
-    "weight_sync": "reload",
+    "weight_sync": "reload_weights",
     "lm_head_precision": '"head_dtype": "float32"',
 }
+WEIGHT_SYNC_FIX = {"no_reset": "reset_prefix_cache", "async": "weight_versions"}
 RESULTS: list[dict[str, Any]] = []
 
 
@@ -141,7 +143,9 @@ def test_zoo_names_exactly_the_planted_causes(run: zoo.Run, zoo_dirs, zoo_engine
     assert found == sorted(run.planted), detail
     for c in res.causes:
         if c.id in run.planted:
-            assert FIX_NAMES[c.id] in c.fix, (c.id, c.fix)
+            want = WEIGHT_SYNC_FIX.get(run.push if run.surface != "async" else "async", FIX_NAMES[c.id]) \
+                if c.id == "weight_sync" else FIX_NAMES[c.id]
+            assert want in c.fix, (c.id, c.fix)
     # Every token's version is known or honestly null; none is tagged with a version the job never had.
     from tracekit.store.reader import Trace
 

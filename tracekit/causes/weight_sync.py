@@ -184,6 +184,23 @@ class WeightSync(Cause):
                        f"(mean |Δ| {_f(repro.mean_abs_delta)} > {tol:.3g}) and neither the previous version nor "
                        "the prefix cache explains it")
 
+    def fix_for(self, ctx: Context, evidence: list[Evidence]) -> str:
+        """The fix for what the evidence shows (all of it when nothing specific did)."""
+        fixes = []
+        if any(e.signal for e in evidence if "trainer_version_mismatch" in e.numbers):
+            fixes.append("Score every token under the weights that sampled it (tokens.weight_version, vLLM's "
+                         "CompletionOutput.weight_versions spans), or update between requests: AsyncLLM "
+                         "pause_generation → reload → update_weight_version(v) → resume_generation.")
+        if any(e.signal for e in evidence if "stale_kv" in e.numbers):
+            fixes.append("Call llm.reset_prefix_cache() after every weight update (AsyncLLM: "
+                         "reset_prefix_cache(reset_running_requests=True)), or enable_prefix_caching=False.")
+        if any(e.signal for e in evidence if "previous_version_mean_abs_delta" in e.numbers
+               or "stale_syncs" in e.numbers or "failed" in e.numbers):
+            fixes.append("Reload the NEW checkpoint (llm.collective_rpc('reload_weights', kwargs={'weights_path': "
+                         "NEW_DIR})) before sampling resumes, and verify with compute_weight_checksums that the "
+                         "engine checksum changed.")
+        return " ".join(fixes) or self.fix
+
     def _previous_version(self, ctx: Context, evidence: list[Evidence], mode: str,
                           later: str) -> tuple[float | None, float | None] | None:
         if len(ctx.snapshot_versions()) < 2:
