@@ -34,8 +34,10 @@ def llm(engine_pool, tiny_model):
 
 def _unwrap(llm):
     """Drop the hooks a previous test installed (the engine is shared)."""
-    for name in ("generate", "chat", "collective_rpc"):
+    for name in ("generate", "chat", "collective_rpc", "get_default_sampling_params"):
         llm.__dict__.pop(name, None)
+    for name in ("collective_rpc", "set_weight_version"):
+        llm.llm_engine.__dict__.pop(name, None)
     llm.__dict__.pop("_tracekit_recorder", None)
     llm.__dict__.pop("_tracekit_hooks", None)
 
@@ -293,10 +295,11 @@ def test_mid_run_weight_update_tags_tokens_and_snapshot_round_trips(engine_pool,
     _unwrap(llm)
 
 
-def test_reload_the_job_pushes_itself_is_observed_and_an_unlabeled_one_flagged(engine_pool, model_factory, tmp_path):
-    """llm.collective_rpc("reload_weights") by the job: a weight_syncs row with the engine's checksum;
-    version = the engine's label when the job relabeled since the last tokens, else -1 + a note
-    (the tokens that follow still carry the old label)."""
+def test_reload_the_job_pushes_itself_is_observed_and_labeled(engine_pool, model_factory, tmp_path):
+    """llm.collective_rpc("reload_weights") by the job: a weight_syncs row with the engine's checksum.
+    Unlabeled and never stated: the recorder labels the engine and the tokens get the ordinal of the
+    reload (1), not the stale label (0); labeled by the job first: the job's label (7) is kept.
+    (tests/test_versions.py covers statements, stale pushes and AsyncLLM.)"""
     from test_replay_support import load_into, perturbed
     from vllm import SamplingParams
 
@@ -306,12 +309,13 @@ def test_reload_the_job_pushes_itself_is_observed_and_an_unlabeled_one_flagged(e
     rec.wrap(llm)
     sp = SamplingParams(temperature=1.0, max_tokens=4, seed=3)
     try:
-        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
-        load_into(llm, perturbed(model, seed=2), model)  # unlabeled: the engine stays on "default"
-        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
-        llm.llm_engine.set_weight_version("7")  # labeled first, then reloaded: a real version
+        outs = [llm.generate(PROMPTS[:2], sp, use_tqdm=False)]
+        load_into(llm, perturbed(model, seed=2), model)  # unlabeled
+        outs.append(llm.generate(PROMPTS[:2], sp, use_tqdm=False))
+        llm.llm_engine.set_weight_version("7")  # labeled first, then reloaded
         load_into(llm, perturbed(model, seed=3), model)
-        llm.generate(PROMPTS[:2], sp, use_tqdm=False)
+        assert llm.llm_engine.get_weight_version() == "7"
+        outs.append(llm.generate(PROMPTS[:2], sp, use_tqdm=False))
         rec.close()
     finally:
         _unwrap(llm)
@@ -319,10 +323,50 @@ def test_reload_the_job_pushes_itself_is_observed_and_an_unlabeled_one_flagged(e
         rec2.update_weights(llm, 0, model)
         rec2.close()
         llm.llm_engine.set_weight_version("default")
-    syncs = _q(tmp_path / "t", "SELECT version, method, error, engine_checksum FROM weight_syncs ORDER BY t_start")
-    assert [(v, m) for v, m, _, _ in syncs] == [(-1, "collective_rpc:reload_weights"), (7, "collective_rpc:reload_weights")]
-    assert "not changed since the last tokens" in syncs[0][2] and syncs[1][2] is None
+    assert rec.errors == 0, rec.error_messages
+    got = dict(_q(tmp_path / "t", "SELECT request_id, list_distinct(list(weight_version)) FROM tokens GROUP BY 1"))
+    assert [[got[c.tracekit_request_id] for o in out for c in o.outputs] for out in outs] == \
+        [[[0]] * 2, [[1]] * 2, [[7]] * 2]
+    syncs = _q(tmp_path / "t", "SELECT version, method, error, engine_checksum FROM weight_syncs ORDER BY t_end")
+    assert [(v, m) for v, m, _, _ in syncs] == [(0, "baseline"), (1, "collective_rpc:reload_weights"),
+                                                (7, "collective_rpc:reload_weights")]
+    syncs = syncs[1:]
+    assert "ordinal 1" in syncs[0][2] and "the job's own engine label before the change" in syncs[1][2]
     assert syncs[0][3] and syncs[1][3] and syncs[0][3] != syncs[1][3]  # checksums of the pushed weights
+
+
+def test_params_from_get_default_sampling_params_record_only_what_the_job_changed(engine_pool, model_factory, tmp_path):
+    """A job that builds its params from llm.get_default_sampling_params() and sets n, max_tokens,
+    seed and logprobs: requested = those four; the model's generation_config defaults (temperature
+    0.5, top_k 20) are resolved, not requested. Params built from SamplingParams() are unchanged."""
+    from vllm import SamplingParams
+
+    model = model_factory(generation_config={"temperature": 0.5, "top_k": 20, "top_p": 0.95})
+    llm = engine_pool(model)
+    _unwrap(llm)
+    rec = _fresh(tmp_path / "t")
+    rec.wrap(llm)
+    sp = llm.get_default_sampling_params()
+    assert sp.temperature == 0.5 and sp.top_k == 20
+    sp.n, sp.max_tokens, sp.seed, sp.logprobs = 2, 5, 3, 0
+    out = llm.generate(["the quick"], sp, use_tqdm=False)
+    per_prompt = [llm.get_default_sampling_params() for _ in range(2)]
+    for i, p in enumerate(per_prompt):
+        p.max_tokens, p.seed = 4, i
+    out2 = llm.generate(["the quick", "one two"], per_prompt, use_tqdm=False)
+    out3 = llm.generate(["the quick"], SamplingParams(temperature=0.5, max_tokens=4), use_tqdm=False)
+    rec.close()
+    _unwrap(llm)
+    assert len(out[0].outputs) == 2 and out[0].outputs[0].logprobs is not None  # the job asked for them
+    rows = {r[0]: r[1:] for r in _q(tmp_path / "t", "SELECT request_id, sampling_requested, temperature, top_k, "
+                                     "top_p, num_logprobs FROM requests")}
+    r = rows[out[0].outputs[0].tracekit_request_id]
+    assert json.loads(r[0]) == {"n": 2, "max_tokens": 5, "seed": 3, "logprobs": 0}
+    assert r[1:] == (0.5, 20, pytest.approx(0.95), 0)
+    for o, seed in zip(out2, (0, 1)):
+        r = rows[o.outputs[0].tracekit_request_id]
+        assert json.loads(r[0]) == {"max_tokens": 4, "seed": seed} and r[1:3] == (0.5, 20)
+    assert json.loads(rows[out3[0].outputs[0].tracekit_request_id][0]) == {"temperature": 0.5, "max_tokens": 4}
 
 
 def test_recorder_never_raises_into_the_job_on_unwritable_dir(llm, tmp_path):

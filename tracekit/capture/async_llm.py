@@ -9,12 +9,21 @@ from the engine's ``weight_versions`` spans on the terminal output (vLLM >= 0.32
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
-from .llm import PreparedParams, _group_key, extract_logprobs, prepare_params, token_versions
-from .recorder import Recorder, _flatten_checksums, _now, parse_version
+from .llm import (
+    PreparedParams,
+    _group_key,
+    extract_logprobs,
+    label_spans,
+    prepare_params,
+    weights_path_arg,
+)
+from .recorder import Hooks, Recorder, _flatten_checksums, _now
+from .versions import WEIGHT_METHODS, Plan
 
 
 class _Sample:
@@ -31,20 +40,30 @@ class _Sample:
         self.t_first: _dt.datetime | None = None
 
 
-class _AsyncHooks:
+class _AsyncHooks(Hooks):
+    """State of one wrapped AsyncLLM. Hooks: ``generate``; ``collective_rpc`` (the job's reloads;
+    vLLM's ``update_weights``/``start_weight_update``/``finish_weight_update`` call it too) and
+    ``update_weight_version`` (the job's own labels; ``finish_weight_update(v)`` calls it)."""
+
     def __init__(self, recorder: Recorder, engine: Any, engine_args: Mapping[str, Any] | None) -> None:
-        self.recorder = recorder
-        self.engine = engine
-        self.orig_generate = engine.generate
+        super().__init__(recorder, engine)
         self.engine_id = recorder.register_engine(engine, surface="async_llm", engine_args=engine_args)
+        self.key = self.engine_id or f"async-llm-{id(engine):x}"
         try:
             self.model_dir = str(engine.vllm_config.model_config.model)
         except Exception:
             self.model_dir = None
         from .fingerprint import capabilities
 
+        caps = capabilities()
         # Engines with per-token spans need no label round trips per request.
-        self.need_labels = not capabilities().get("weight_version_spans", False)
+        self.need_labels = not caps.get("weight_version_spans", False)
+        self.can_checksum = bool(caps.get("compute_weight_checksums"))
+
+    def install_all(self) -> None:
+        self.orig_generate = self.install(self.engine, "generate", self.generate)
+        self.orig_rpc = self.install(self.engine, "collective_rpc", self.collective_rpc)
+        self.set_label = self.install(self.engine, "update_weight_version", self.update_weight_version)
 
     async def _label(self) -> str | None:
         if not self.need_labels:
@@ -54,11 +73,105 @@ class _AsyncHooks:
         except Exception:
             return None
 
+    # -------------------------------------------------------------- weight changes and labels
+    async def update_weight_version(self, new_version: Any, *args: Any, **kw: Any) -> Any:
+        """The job labels the engine itself (its label wins; see Versions.job_label)."""
+        out = await self.set_label(new_version, *args, **kw)
+        if self.live:
+            try:
+                self.recorder.versions.job_label(self.key, new_version)
+            except Exception as e:
+                self.recorder.count_error(f"job label: {type(e).__name__}: {e}")
+        return out
+
+    async def collective_rpc(self, method: Any, *args: Any, **kw: Any) -> Any:
+        """Weight changes the job pushes. A reload runs inside pause_generation(mode="keep"),
+        unless the engine is paused already, with tracekit's label queued right behind it: the
+        engine core handles utility calls in order and runs no step while paused, so no step runs
+        between the reload and the label (vLLM: "weight versions change only while generation is
+        paused"). Weight-transfer sessions (start/update/finish) get an 'in flux' label first."""
+        rec = self.recorder
+        plan = None
+        if self.live and isinstance(method, str) and method in WEIGHT_METHODS:
+            try:
+                plan = rec.versions.before(self.key, self.engine_id, method, weights_path_arg(args, kw), in_flight=True)
+            except Exception as e:
+                rec.count_error(f"observe {method}: {type(e).__name__}: {e}")
+        if plan is None:
+            return await self.orig_rpc(method, *args, **kw)
+        try:
+            if self.can_checksum and rec.versions.baseline_due(self.key):
+                rec.versions.baseline(self.key, _flatten_checksums(await self.engine.compute_weight_checksums()))
+        except Exception as e:
+            rec.count_error(f"baseline checksum: {type(e).__name__}: {e}")
+        notes: list[str] = []
+        paused = await self._pause(plan, notes)
+        try:
+            # Queued back to back, in this order (each task sends its message in its first step).
+            labels_first = [asyncio.ensure_future(self.set_label(plan.before))] if plan.before else []
+            call = asyncio.ensure_future(self.orig_rpc(method, *args, **kw))
+            # (queued whatever the call's outcome: after a failed reload the weights are unknown)
+            labels_after = [asyncio.ensure_future(self.set_label(plan.label_after))] if plan.label_after else []
+            try:
+                out = await call
+            except BaseException as e:
+                await _settle(labels_first + labels_after, notes)
+                self._after(plan, ok=False, error=f"{type(e).__name__}: {e}", notes=notes)
+                raise
+            await _settle(labels_first + labels_after, notes)
+        finally:
+            if paused:
+                try:
+                    await self.engine.resume_generation()
+                except Exception as e:
+                    notes.append(f"resume_generation failed: {type(e).__name__}: {e}")
+        cs = None
+        if plan.complete and self.can_checksum:
+            try:
+                cs = _flatten_checksums(await self.engine.compute_weight_checksums())
+            except Exception as e:
+                notes.append(f"no engine checksum: {type(e).__name__}: {e}")
+        self._after(plan, ok=True, checksums=cs, notes=notes)
+        ch = plan.change
+        try:
+            if rec.versions.wants_snapshot(ch):  # blob I/O off the event loop
+                rec.versions.snapshot_taken(ch, await asyncio.to_thread(rec.snapshot_blobs, ch.path, None))
+        except Exception as e:
+            rec.count_error(f"snapshot of reloaded weights: {type(e).__name__}: {e}")
+        return out
+
+    async def _pause(self, plan: Plan, notes: list[str]) -> bool:
+        """Pause (keep requests and caches) around a reload the recorder labels; True if it did."""
+        if not plan.complete or plan.label_after is None or plan.change.method != "reload_weights":
+            return False
+        try:
+            if await self.engine.is_paused():
+                plan.before = None  # the job paused: nothing steps between the reload and the label
+                return False
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            plan.before = None
+            return True
+        except Exception as e:  # no pause on this engine: 'in flux' first, unknown if a step slips in
+            plan.before = plan.change.flux_label
+            notes.append(f"no pause around the reload ({type(e).__name__}: {e}); tokens of a step between "
+                         "the reload and the label are unknown")
+            return False
+
+    def _after(self, plan: Plan, *, ok: bool, error: str | None = None, checksums: Any = None,
+               notes: Sequence[str] = ()) -> None:
+        try:
+            self.recorder.versions.after(plan, ok=ok, error=error, checksums=checksums, notes=notes)
+        except Exception as e:
+            self.recorder.count_error(f"observe {plan.change.method}: {type(e).__name__}: {e}")
+
+    # -------------------------------------------------------------- generation
     def generate(self, prompt: Any, sampling_params: Any = None, request_id: Any = None, *args: Any, **kw: Any) -> AsyncGenerator[Any, None]:
         if "sampling_params" in kw:
             sampling_params = kw.pop("sampling_params")
         if "request_id" in kw:
             request_id = kw.pop("request_id")
+        if not self.live:
+            return self.orig_generate(prompt, sampling_params, request_id, *args, **kw)
         return self._gen(prompt, sampling_params, request_id, args, kw)
 
     async def _gen(self, prompt: Any, sampling_params: Any, request_id: Any, args: tuple, kw: dict) -> AsyncGenerator[Any, None]:
@@ -68,11 +181,12 @@ class _AsyncHooks:
             prep = prepare_params(sampling_params, defaults_applied=False)
             send = prep.send
         except Exception as e:
-            rec._count_error(f"async prepare: {type(e).__name__}: {e}")
+            rec.count_error(f"async prepare: {type(e).__name__}: {e}")
             prep, send = None, sampling_params
         t0 = _now()
+        changes0 = rec.versions.submit(self.key)
         label0 = await self._label() if prep is not None else None
-        step, group = rec.current_step, rec._group
+        step, group = rec.current_step, rec.current_group
         delta = _kind(send) == "DELTA"
         samples: dict[int, _Sample] = {}
         last: Any = None
@@ -84,7 +198,7 @@ class _AsyncHooks:
                         last = out
                         self._observe(out, samples, delta, prep)
                     except Exception as e:
-                        rec._count_error(f"async observe: {type(e).__name__}: {e}")
+                        rec.count_error(f"async observe: {type(e).__name__}: {e}")
                     if prep.added:
                         for comp in out.outputs:
                             comp.logprobs = None
@@ -96,10 +210,13 @@ class _AsyncHooks:
             finally:
                 if prep is not None and last is not None:
                     try:
-                        label1 = await self._label()
-                        self._emit(last, samples, prep, t0, label0, label1, step, group, request_id)
+                        fb = None
+                        if self.need_labels:
+                            same = rec.versions.change_count(self.key) == changes0
+                            fb = (label0, await self._label() if same else None)
+                        self._emit(last, samples, prep, t0, fb, step, group, request_id)
                     except Exception as e:
-                        rec._count_error(f"async emit: {type(e).__name__}: {e}")
+                        rec.count_error(f"async emit: {type(e).__name__}: {e}")
 
     def _observe(self, out: Any, samples: dict[int, _Sample], delta: bool, prep: PreparedParams) -> None:
         now = None
@@ -129,10 +246,8 @@ class _AsyncHooks:
                 s.spans = comp.weight_versions
 
     def _emit(self, last: Any, samples: dict[int, _Sample], prep: PreparedParams, t0: _dt.datetime,
-              label0: str | None, label1: str | None, step: int | None, group: str | None, request_id: Any) -> None:
+              fb: tuple[Any, Any] | None, step: int | None, group: str | None, request_id: Any) -> None:
         rec = self.recorder
-        default = rec.initial_weight_version
-        fb = (parse_version(label0, default), parse_version(label1, default))
         t1 = _now()
         gid = group if group is not None else (
             f"{rec.run_id[:8]}-{request_id}" if len(samples) > 1 else f"{rec.run_id[:8]}-{_group_key(last.prompt_token_ids)}")
@@ -140,15 +255,22 @@ class _AsyncHooks:
             view = _View(list(s.ids), s.lps, s.spans)
             k = prep.num_logprobs or None
             lps, top_ids, top_lps = extract_logprobs(view, k)
-            tv, vs, ve, _ = token_versions(view, len(view.token_ids), default, fb)
+            spans, why = label_spans(view, len(view.token_ids), fb)
             rec.emit_sample(
                 request_id=s.rid, engine_id=self.engine_id, surface="async_llm", engine_request_id=str(last.request_id),
                 prompt_token_ids=last.prompt_token_ids, output_token_ids=view.token_ids, logprobs=lps,
-                token_versions=tv, version_start=vs, version_end=ve, requested=prep.requested, resolved=prep.resolved,
+                weight_labels=spans, requested=prep.requested, resolved=prep.resolved,
                 num_logprobs=prep.num_logprobs, finish_reason=s.finish or "abort", stop_reason=s.stop,
                 num_cached_tokens=getattr(last, "num_cached_tokens", None), t_submit=t0, t_first_token=s.t_first,
                 t_finish=t1, group_id=gid, sample_idx=idx, step=step, top_token_ids=top_ids, top_logprobs=top_lps,
+                extra={"weight_version_unknown": [why]} if why else None,
             )
+
+
+async def _settle(tasks: list[asyncio.Future], notes: list[str]) -> None:
+    for r in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(r, BaseException):
+            notes.append(f"could not label the engine: {type(r).__name__}: {r}")
 
 
 class _View:
@@ -178,9 +300,9 @@ def _kind(sp: Any) -> str:
 
 def wrap_async_llm(recorder: Recorder, engine: Any, engine_args: Mapping[str, Any] | None) -> Any:
     hooks = _AsyncHooks(recorder, engine, engine_args)
-    engine.generate = hooks.generate
     engine._tracekit_recorder = recorder
     engine._tracekit_hooks = hooks
+    hooks.install_all()
     return engine
 
 
@@ -188,10 +310,13 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
                                snapshot: bool | None, pause: bool, reset_running_requests: bool) -> bool:
     """See Recorder.update_weights_async."""
     hooks = getattr(engine, "_tracekit_hooks", None)
-    engine_id = hooks.engine_id if hooks is not None else None
-    model_dir = hooks.model_dir if hooks is not None else None
+    own = isinstance(hooks, _AsyncHooks) and hooks.live
+    engine_id = hooks.engine_id if own else None
+    model_dir = hooks.model_dir if own else None
+    rpc = hooks.orig_rpc if own else engine.collective_rpc
+    set_label = hooks.set_label if own else engine.update_weight_version
     t0 = _now()
-    wdir = rec._weights_dir(source, model_dir)
+    wdir = rec.weights_dir(source, model_dir)
     notes: list[str] = []
     paused = False
     if pause and hasattr(engine, "pause_generation"):
@@ -202,13 +327,13 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
             notes.append(f"pause_generation failed ({type(e).__name__}): label may be off by a step")
     try:
         try:
-            await engine.collective_rpc("reload_weights", kwargs={"weights_path": wdir})
+            await rpc("reload_weights", kwargs={"weights_path": wdir})
         except Exception as e:
             rec.write_weight_sync(engine_id=engine_id, version=version, step=step, t_start=t0, method="reload_weights",
                                   checksums=None, ok=False, error=f"{type(e).__name__}: {e}", snapshot=False)
             raise
         try:
-            await engine.update_weight_version(str(int(version)))
+            await set_label(str(int(version)))
         except Exception as e:
             notes.append(f"no engine label: {type(e).__name__}")
         try:
@@ -222,15 +347,17 @@ async def update_async_weights(rec: Recorder, engine: Any, version: int, source:
             await engine.resume_generation()
     rec.engine_versions[engine_id or ""] = int(version)
     try:
+        if own:
+            rec.versions.pushed(hooks.key, engine_id, int(version))
         cs = None
         if hasattr(engine, "compute_weight_checksums"):
             try:
                 cs = await engine.compute_weight_checksums()
             except Exception:
                 cs = None
-        snap = rec._maybe_snapshot(int(version), source, step, snapshot)
+        snap = rec.snapshot_version(int(version), source, step, snapshot)
         rec.write_weight_sync(engine_id=engine_id, version=version, step=step, t_start=t0, method="reload_weights",
                               checksums=_flatten_checksums(cs), ok=True, error="; ".join(notes) or None, snapshot=snap)
     except Exception as e:
-        rec._count_error(f"update_weights_async record: {e}")
+        rec.count_error(f"update_weights_async record: {e}")
     return True

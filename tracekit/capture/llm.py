@@ -1,22 +1,29 @@
-"""Capture adapter for the offline ``vllm.LLM`` (generate, chat, collective_rpc).
+"""Capture adapter for the offline ``vllm.LLM`` (generate, chat, weight calls).
 
 ``wrap_llm`` installs recording hooks as instance attributes, so the object keeps its type and
 every other attribute. When the caller did not ask for logprobs, the hook asks vLLM for the
 sampled token's logprob (``logprobs=0``, flat container where the engine has one) on a clone of
-the params and strips it (and ``cumulative_logprob``) from what the caller gets back.
+the params and strips it (and ``cumulative_logprob``) from what the caller gets back. Weight
+changes the job pushes itself are observed and labeled (capture/versions.py).
 """
 # ruff: noqa: BLE001, S110  - capture code must never raise into the job: broad catches are the contract
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import functools
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import fastlp
-from .recorder import Recorder, _now, params_dict, parse_version, requested_dict
+from .recorder import Hooks, Recorder, _now, params_dict, requested_dict, source_path
+from .versions import WEIGHT_METHODS, Plan
+
+# get_default_sampling_params results remembered (strong refs) to tell the fields the job changed.
+_HANDED_OUT_MAX = 1024
 
 
 class PreparedParams:
@@ -39,13 +46,14 @@ def _has_flat() -> bool:
     return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
 
 
-def prepare_params(sp: Any, *, defaults_applied: bool) -> PreparedParams:
+def prepare_params(sp: Any, *, defaults_applied: bool, base: Mapping[str, Any] | None = None) -> PreparedParams:
     """Clone ``sp`` with logprobs=0 when the caller did not ask for logprobs.
 
     ``defaults_applied``: the caller passed None and the engine's generation_config defaults
-    were used (requested = {}, resolved = the defaults).
+    were used (requested = {}, resolved = the defaults). ``base``: the fields ``sp`` had when
+    ``get_default_sampling_params`` handed it out (requested = only what the job changed since).
     """
-    requested = {} if defaults_applied else requested_dict(sp)
+    requested = {} if defaults_applied else requested_dict(sp, base)
     resolved = params_dict(sp)
     num = getattr(sp, "logprobs", None)
     if num is not None:
@@ -98,26 +106,23 @@ def extract_logprobs(comp: Any, k: int | None) -> tuple[list, list | None, list 
     return sampled, top_ids, top_lps
 
 
-def token_versions(comp: Any, n: int, default: int | None, fallback: tuple[int | None, int | None]) -> tuple[list, int | None, int | None, Any]:
-    """Per-token weight version from the engine's spans (vLLM >= 0.32), else the fallback.
+def label_spans(comp: Any, n: int, fallback: tuple[Any, Any] | None) -> tuple[list, str | None]:
+    """The engine's weight-version label spans of a completion, [(label, start, end)], for
+    ``Recorder.emit_sample(weight_labels=...)``; and why they are unknown, if they are.
 
-    Fallback (engines without spans): the engine label read before and after the request; when
-    they agree every token gets it, when they differ the tokens are left null (unknown).
+    vLLM >= 0.32 stamps every engine step with its label (``CompletionOutput.weight_versions``).
+    Older engines: ``fallback`` = the label read before and after the request, used when they
+    agree and no weight change was observed in between; else the tokens are unknown.
     """
     spans = getattr(comp, "weight_versions", None)
     if spans:
-        out: list = [None] * n
-        labels = []
-        for sp in spans:
-            v = parse_version(sp.version, default)
-            labels.append(sp.version)
-            for i in range(max(0, sp.start), min(n, sp.end)):
-                out[i] = v
-        return out, (out[0] if n else parse_version(spans[0].version, default)), (out[-1] if n else None), labels
+        return [(sp.version, sp.start, sp.end) for sp in spans], None
+    if fallback is None:
+        return [(None, 0, n)], "the engine returned no weight-version spans"
     a, b = fallback
-    if a == b:
-        return [a] * n, a, b, None
-    return [None] * n, a, b, None
+    if a is not None and a == b:
+        return [(a, 0, n)], None
+    return [(None, 0, n)], "the weights changed during the request (this vLLM has no per-token spans)"
 
 
 def _engine_label(llm: Any) -> str | None:
@@ -132,16 +137,17 @@ def _group_key(prompt_ids: Sequence[int] | None) -> str:
     return h
 
 
-class _LLMHooks:
-    """State of one wrapped LLM; its methods replace generate/chat/collective_rpc."""
+class _LLMHooks(Hooks):
+    """State of one wrapped LLM. Hooks: ``generate``/``chat``/``get_default_sampling_params`` on
+    the LLM; ``collective_rpc``/``set_weight_version`` on its ``llm_engine``, which every weight
+    call goes through (``llm.collective_rpc``, ``llm.update_weights``/``finish_weight_update``/
+    ``update_weight_version`` of vLLM's RL API, or the job calling ``llm.llm_engine`` directly)."""
 
     def __init__(self, recorder: Recorder, llm: Any, engine_args: Mapping[str, Any] | None) -> None:
-        self.recorder = recorder
+        super().__init__(recorder, llm)
         self.llm = llm
-        self.orig_generate = llm.generate
-        self.orig_chat = llm.chat
-        self.orig_rpc = llm.collective_rpc
         self.engine_id = recorder.register_engine(llm, surface="llm", engine_args=engine_args)
+        self.key = self.engine_id or f"llm-{id(llm):x}"
         try:
             self.model_dir = str(llm.llm_engine.vllm_config.model_config.model)
         except Exception:
@@ -151,42 +157,76 @@ class _LLMHooks:
 
         # Engines with per-token spans (vLLM >= 0.32) need no label reads around each call.
         self.need_labels = not capabilities().get("weight_version_spans", False)
-        # The label the engine's last tokens were tagged with: a reload that leaves the engine on
-        # it (the job did not relabel) makes later tokens look like the old weights' tokens.
-        self.label_used = _engine_label(llm)
+        # SamplingParams handed out by get_default_sampling_params: id -> (object, fields then).
+        self.handed_out: collections.OrderedDict[int, tuple[Any, dict]] = collections.OrderedDict()
 
-    # -------------------------------------------------------------- param preparation
-    def _prepare(self, sampling_params: Any, n_prompts: int | None) -> tuple[Any, list[PreparedParams] | PreparedParams | None]:
+    def install_all(self) -> None:
+        llm, eng = self.llm, self.llm.llm_engine
+        self.orig_generate = self.install(llm, "generate", self.generate)
+        self.orig_chat = self.install(llm, "chat", self.chat)
+        self.orig_defaults = self.install(llm, "get_default_sampling_params", self.get_default_sampling_params)
+        # orig_rpc / set_label: the engine's own methods, for the recorder's calls (never observed)
+        self.orig_rpc = self.install(eng, "collective_rpc", self.engine_collective_rpc)
+        self.set_label = self.install(eng, "set_weight_version", self.engine_set_weight_version)
+
+    # -------------------------------------------------------------- sampling params
+    def get_default_sampling_params(self, *args: Any, **kw: Any) -> Any:
+        sp = self.orig_defaults(*args, **kw)
+        if self.live:
+            try:  # strong refs, bounded: msgspec Structs take no attributes and no weakrefs
+                self.handed_out[id(sp)] = (sp, params_dict(sp))
+                while len(self.handed_out) > _HANDED_OUT_MAX:
+                    self.handed_out.popitem(last=False)
+            except Exception as e:
+                self.recorder.count_error(f"default params: {type(e).__name__}: {e}")
+        return sp
+
+    def _prep(self, sp: Any) -> PreparedParams:
+        entry = self.handed_out.get(id(sp))
+        base = entry[1] if entry is not None and entry[0] is sp else None
+        return prepare_params(sp, defaults_applied=False, base=base)
+
+    def _prepare(self, sampling_params: Any) -> tuple[Any, list[PreparedParams] | PreparedParams | None]:
         try:
             if sampling_params is None:
-                sp = self.llm.get_default_sampling_params()
-                p = prepare_params(sp, defaults_applied=True)
+                p = prepare_params(self.orig_defaults(), defaults_applied=True)
                 return p.send, p
             if isinstance(sampling_params, Sequence):
                 cache: dict[int, PreparedParams] = {}
                 preps = []
                 for sp in sampling_params:
                     if id(sp) not in cache:
-                        cache[id(sp)] = prepare_params(sp, defaults_applied=False)
+                        cache[id(sp)] = self._prep(sp)
                     preps.append(cache[id(sp)])
                 return [p.send for p in preps], preps
-            p = prepare_params(sampling_params, defaults_applied=False)
+            p = self._prep(sampling_params)
             return p.send, p
         except Exception as e:
-            self.recorder._count_error(f"prepare params: {type(e).__name__}: {e}")
+            self.recorder.count_error(f"prepare params: {type(e).__name__}: {e}")
             return sampling_params, None
 
+    # -------------------------------------------------------------- generation
     def _run(self, orig: Any, first: Any, sampling_params: Any, args: tuple, kw: dict, kind: str) -> Any:
-        send, prep = self._prepare(sampling_params, None)
+        if not self.live:
+            return orig(first, sampling_params, *args, **kw)
+        send, prep = self._prepare(sampling_params)
+        versions = self.recorder.versions
+        fb = None
+        try:
+            changes0 = versions.submit(self.key)
+        except Exception:
+            changes0 = None
         label_before = _engine_label(self.llm) if self.need_labels else None
         t0 = _now()
         outs = orig(first, send, *args, **kw)
-        self.label_used = _engine_label(self.llm)
         if prep is not None:
             try:
-                self._record(outs, prep, t0, label_before, self.label_used, kind)
+                if self.need_labels:
+                    same = changes0 is not None and versions.change_count(self.key) == changes0
+                    fb = (label_before, _engine_label(self.llm) if same else None)
+                self._record(outs, prep, t0, fb, kind)
             except Exception as e:
-                self.recorder._count_error(f"record {kind}: {type(e).__name__}: {e}")
+                self.recorder.count_error(f"record {kind}: {type(e).__name__}: {e}")
             finally:
                 _strip(outs, prep)
         return outs
@@ -201,49 +241,73 @@ class _LLMHooks:
             sampling_params = kw.pop("sampling_params")
         return self._run(self.orig_chat, messages, sampling_params, args, kw, "chat")
 
-    def collective_rpc(self, method: Any, *args: Any, **kw: Any) -> Any:
-        """Observe weight reloads the job pushes directly (method 'reload_weights')."""
-        if method != "reload_weights":
+    # -------------------------------------------------------------- weight changes and labels
+    def engine_set_weight_version(self, label: Any, *args: Any, **kw: Any) -> Any:
+        """The job labels the engine itself (its label wins; see Versions.job_label)."""
+        out = self.set_label(label, *args, **kw)
+        if self.live:
+            try:
+                self.recorder.versions.job_label(self.key, label)
+            except Exception as e:
+                self.recorder.count_error(f"job label: {type(e).__name__}: {e}")
+        return out
+
+    def engine_collective_rpc(self, method: Any, *args: Any, **kw: Any) -> Any:
+        """Weight changes the job pushes (reload_weights, weight-transfer calls): the engine is
+        labeled right after the call returns; nothing of the engine runs in between."""
+        rec = self.recorder
+        plan = None
+        if self.live and isinstance(method, str) and method in WEIGHT_METHODS:
+            try:
+                in_flight = bool(self.llm.llm_engine.has_unfinished_requests())  # enqueue(): steps may run
+            except Exception:
+                in_flight = True
+            try:
+                plan = rec.versions.before(self.key, self.engine_id, method, weights_path_arg(args, kw),
+                                           in_flight=in_flight)
+            except Exception as e:
+                rec.count_error(f"observe {method}: {type(e).__name__}: {e}")
+        if plan is None:
             return self.orig_rpc(method, *args, **kw)
-        t0 = _now()
+        try:
+            if rec.versions.baseline_due(self.key):
+                rec.versions.baseline(self.key, checksums_llm(self.llm, self.orig_rpc))
+        except Exception as e:
+            rec.count_error(f"baseline checksum: {type(e).__name__}: {e}")
+        notes = [] if plan.before is None else self._label(plan.before)
         try:
             out = self.orig_rpc(method, *args, **kw)
         except Exception as e:
-            self._observed_sync(t0, ok=False, error=f"{type(e).__name__}: {e}")
+            if plan.label_after is not None:  # the weights may be half-changed: unknown from here on
+                self._label(plan.change.label)
+            self._after(plan, ok=False, error=f"{type(e).__name__}: {e}")
             raise
-        self._observed_sync(t0, ok=True, error=None)
+        if plan.label_after is not None:
+            notes += self._label(plan.label_after)
+        self._after(plan, ok=True, notes=notes)
         return out
 
-    def _observed_sync(self, t0: _dt.datetime, *, ok: bool, error: str | None) -> None:
+    def _label(self, label: str) -> list[str]:
         try:
-            label = _engine_label(self.llm)
-            version = parse_version(label, self.recorder.initial_weight_version)
-            notes = [error] if error else []
-            if version is None:
-                notes.append("version label unknown (-1): use rec.update_weights")
-            elif ok and label == self.label_used:
-                # Not relabeled since the last tokens: the tokens that follow get the old weights'
-                # version although other weights compute them.
-                version = None
-                notes.append(f"engine label {label!r} not changed since the last tokens (-1): later tokens "
-                             "keep the old version; label the engine (llm.llm_engine.set_weight_version) "
-                             "or use rec.update_weights")
-            self.recorder.write_weight_sync(
-                engine_id=self.engine_id, version=version if version is not None else -1, step=None,
-                t_start=t0, method="collective_rpc:reload_weights", checksums=checksums_llm(self.llm, self.orig_rpc),
-                ok=ok, error="; ".join(notes) or None, snapshot=False,
-            )
+            self.set_label(label)
+            return []
         except Exception as e:
-            self.recorder._count_error(f"observe reload: {type(e).__name__}: {e}")
+            return [f"could not label the engine: {type(e).__name__}: {e}"]
+
+    def _after(self, plan: Plan, *, ok: bool, error: str | None = None, notes: Sequence[str] = ()) -> None:
+        rec = self.recorder
+        try:
+            cs = checksums_llm(self.llm, self.orig_rpc) if ok and plan.complete else None
+            rec.versions.after(plan, ok=ok, error=error, checksums=cs, notes=notes)
+            if ok and rec.versions.wants_snapshot(plan.change):
+                rec.versions.snapshot_taken(plan.change, rec.snapshot_blobs(plan.change.path, None))
+        except Exception as e:
+            rec.count_error(f"observe {plan.change.method}: {type(e).__name__}: {e}")
 
     # -------------------------------------------------------------- recording
-    def _record(self, outs: list, prep: Any, t0: _dt.datetime, label_before: str | None, label_after: str | None,
-                kind: str) -> None:
+    def _record(self, outs: list, prep: Any, t0: _dt.datetime, fb: tuple[Any, Any] | None, kind: str) -> None:
         rec = self.recorder
         t1 = _now()
-        default = rec.initial_weight_version
-        fb = (parse_version(label_before, default), parse_version(label_after, default)) \
-            if self.need_labels else (None, None)
         step = rec.current_step
         self.calls += 1
         call_tag = f"{rec.run_id[:8]}-{self.calls}"
@@ -251,8 +315,8 @@ class _LLMHooks:
         for i, out in enumerate(outs):
             p = prep[i] if isinstance(prep, list) else prep
             prompt_ids = out.prompt_token_ids
-            if rec._group is not None:
-                gid = rec._group
+            if rec.current_group is not None:
+                gid = rec.current_group
             elif len(out.outputs) > 1:
                 gid = f"{call_tag}-{i}"
             else:  # n=1: identical prompts in one call form a group (GRPO repeats the prompt)
@@ -268,19 +332,32 @@ class _LLMHooks:
                 ids = list(comp.token_ids)
                 k = p.num_logprobs or None
                 lps, top_ids, top_lps = extract_logprobs(comp, k)
-                tv, vs, ve, labels = token_versions(comp, len(ids), default, fb)
-                extra = {"kind": kind}
-                if labels and any(parse_version(x, default) is None for x in labels):
-                    extra["weight_version_labels"] = labels
+                spans, why = label_spans(comp, len(ids), fb)
+                extra: dict[str, Any] = {"kind": kind}
+                if why:
+                    extra["weight_version_unknown"] = [why]
                 rec.emit_sample(
                     request_id=rid, engine_id=self.engine_id, surface="llm", engine_request_id=str(out.request_id),
-                    prompt_token_ids=prompt_ids, output_token_ids=ids, logprobs=lps, token_versions=tv,
-                    version_start=vs, version_end=ve, requested=p.requested, resolved=p.resolved,
+                    prompt_token_ids=prompt_ids, output_token_ids=ids, logprobs=lps, weight_labels=spans,
+                    requested=p.requested, resolved=p.resolved,
                     num_logprobs=p.num_logprobs, finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
                     num_cached_tokens=getattr(out, "num_cached_tokens", None), t_submit=t0, t_first_token=None,
                     t_finish=t1, group_id=gid, sample_idx=base_idx + comp.index, step=step,
                     top_token_ids=top_ids, top_logprobs=top_lps, extra=extra,
                 )
+
+
+def weights_path_arg(args: tuple, kw: dict) -> str | None:
+    """``weights_path`` of a collective_rpc('reload_weights', timeout, args, kwargs) call."""
+    try:
+        kwargs = kw.get("kwargs", args[2] if len(args) > 2 else None)
+        path = (kwargs or {}).get("weights_path")
+        if path is None:  # reload_weights(weights_iterator, weights_path, ...) positionally
+            rpc_args = kw.get("args", args[1] if len(args) > 1 else ())
+            path = rpc_args[1] if len(rpc_args) > 1 and isinstance(rpc_args[1], (str, os.PathLike)) else None
+        return source_path(path) if path is not None else None
+    except Exception:
+        return None
 
 
 def _strip(outs: Any, prep: Any) -> None:
@@ -310,11 +387,9 @@ def checksums_llm(llm: Any, rpc: Any = None) -> Any:
 
 def wrap_llm(recorder: Recorder, llm: Any, engine_args: Mapping[str, Any] | None) -> Any:
     hooks = _LLMHooks(recorder, llm, engine_args)
-    llm.generate = hooks.generate
-    llm.chat = hooks.chat
-    llm.collective_rpc = hooks.collective_rpc
     llm._tracekit_recorder = recorder
     llm._tracekit_hooks = hooks
+    hooks.install_all()
     return llm
 
 
@@ -322,11 +397,13 @@ def update_llm_weights(rec: Recorder, llm: Any, version: int, source: Any, *, st
                        snapshot: bool | None) -> bool:
     """See Recorder.update_weights."""
     hooks = getattr(llm, "_tracekit_hooks", None)
-    rpc = hooks.orig_rpc if hooks is not None else llm.collective_rpc
-    engine_id = hooks.engine_id if hooks is not None else None
-    model_dir = hooks.model_dir if hooks is not None else None
+    own = isinstance(hooks, _LLMHooks) and hooks.live
+    rpc = hooks.orig_rpc if own else llm.collective_rpc
+    set_label = hooks.set_label if own else llm.llm_engine.set_weight_version
+    engine_id = hooks.engine_id if own else None
+    model_dir = hooks.model_dir if own else None
     t0 = _now()
-    wdir = rec._weights_dir(source, model_dir)  # bad path: raised, like vLLM would (after 3 s)
+    wdir = rec.weights_dir(source, model_dir)  # bad path: raised, like vLLM would (after 3 s)
     try:
         rpc("reload_weights", kwargs={"weights_path": wdir})
     except Exception as e:
@@ -338,7 +415,7 @@ def update_llm_weights(rec: Recorder, llm: Any, version: int, source: Any, *, st
         raise
     notes = []
     try:
-        llm.llm_engine.set_weight_version(str(int(version)))
+        set_label(str(int(version)))
     except Exception as e:
         notes.append(f"no engine label: {type(e).__name__}")
     try:
@@ -348,9 +425,11 @@ def update_llm_weights(rec: Recorder, llm: Any, version: int, source: Any, *, st
         notes.append(f"reset_prefix_cache failed: {e}")
     rec.engine_versions[engine_id or ""] = int(version)
     try:
-        snap = rec._maybe_snapshot(int(version), source, step, snapshot)
+        if own:
+            rec.versions.pushed(hooks.key, engine_id, int(version))
+        snap = rec.snapshot_version(int(version), source, step, snapshot)
         rec.write_weight_sync(engine_id=engine_id, version=version, step=step, t_start=t0, method="reload_weights",
                               checksums=checksums_llm(llm, rpc), ok=True, error="; ".join(notes) or None, snapshot=snap)
     except Exception as e:
-        rec._count_error(f"update_weights record: {e}")
+        rec.count_error(f"update_weights record: {e}")
     return True

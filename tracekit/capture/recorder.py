@@ -84,12 +84,15 @@ def _default_params() -> dict[str, Any]:
     return params_dict(SamplingParams())
 
 
-def requested_dict(sp: Any) -> dict[str, Any]:
-    """Fields the caller set (those differing from vLLM's SamplingParams() defaults)."""
+def requested_dict(sp: Any, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fields the caller set: those differing from ``base``, by default vLLM's SamplingParams()
+    (for params from ``llm.get_default_sampling_params()``: the fields they had when handed out,
+    so the model's generation_config defaults are not taken for the caller's request)."""
     if sp is None:
         return {}
     d = params_dict(sp)
-    base = _default_params()
+    if base is None:
+        base = _default_params()
     return {k: v for k, v in d.items() if base.get(k, object()) != v}
 
 
@@ -110,7 +113,9 @@ class Recorder:
 
     ``snapshot_every``: store a weight snapshot every N ``log_weights``/``update_weights`` calls
     (1 = every version, 0 = never). ``initial_weight_version``: version of the weights the engine
-    was started with (what an unlabeled engine's tokens are tagged with).
+    was started with (what an unlabeled engine's tokens are tagged with). ``version_wait``:
+    seconds a weight change the job pushed itself waits for the job to state its version
+    (``log_weights``) before the fallback rule names it (see capture/versions.py).
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class Recorder:
         kind: str = "record",
         meta: dict[str, Any] | None = None,
         max_queue_rows: int = 8 << 20,
+        version_wait: float = 30.0,
     ) -> None:
         self.root = Path(out_dir)
         self.writer = TraceWriter(self.root, kind=kind, flush_interval=flush_interval, meta=meta,
@@ -144,6 +150,9 @@ class Recorder:
         self.error_messages: list[str] = []
         self.closed = False
         self._wrapped: list[weakref.ref[Any]] = []
+        from .versions import Versions
+
+        self.versions = Versions(self, version_wait, self._write_sample)
 
     # ------------------------------------------------------------------ ids and context
     def new_request_id(self) -> int:
@@ -156,6 +165,11 @@ class Recorder:
     @property
     def current_step(self) -> int | None:
         return self._step
+
+    @property
+    def current_group(self) -> str | None:
+        """The group id of the enclosing ``rec.group(...)`` block, if any."""
+        return self._group
 
     @contextlib.contextmanager
     def group(self, group_id: str | int) -> Iterator[None]:
@@ -229,9 +243,6 @@ class Recorder:
         prompt_token_ids: Sequence[int] | None,
         output_token_ids: Sequence[int],
         logprobs: Sequence[float | None] | None,
-        token_versions: Sequence[int | None] | None,
-        version_start: int | None,
-        version_end: int | None,
         requested: Mapping[str, Any] | None,
         resolved: Mapping[str, Any] | None,
         num_logprobs: int | None,
@@ -244,43 +255,73 @@ class Recorder:
         group_id: str | None,
         sample_idx: int | None,
         step: int | None,
+        token_versions: Sequence[int | None] | None = None,
+        version_start: int | None = None,
+        version_end: int | None = None,
+        weight_labels: Sequence[tuple[Any, int, int]] | None = None,
         top_token_ids: Sequence[Sequence[int]] | None = None,
         top_logprobs: Sequence[Sequence[float]] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Queue one ``requests`` row and its ``tokens`` rows (never raises)."""
+        """Queue one ``requests`` row and its ``tokens`` rows (never raises).
+
+        Weight versions: either ``token_versions`` (+ start/end) as known to the caller, or
+        ``weight_labels`` = the engine's label spans ``[(label, start, end)]`` (vLLM's
+        ``CompletionOutput.weight_versions``, or one span of the label read around the call);
+        the recorder maps labels to versions and holds the sample while a label it set on a
+        weight change the job pushed is not resolved yet (``Recorder.versions``).
+        """
+        sample = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         try:
-            res = dict(resolved or {})
+            if weight_labels is not None:
+                self.versions.place(sample)
+            else:
+                self._write_sample(sample)
+        except Exception as e:
+            self._count_error(f"emit_sample: {type(e).__name__}: {e}")
+
+    def _write_sample(self, s: dict[str, Any]) -> None:
+        try:
+            ids = s["output_token_ids"]
+            n = len(ids)
+            tv, vs, ve = s["token_versions"], s["version_start"], s["version_end"]
+            extra = dict(s["extra"]) if s["extra"] else {}
+            if s["weight_labels"] is not None:
+                tv, vs, ve, why = self.versions.tokens(s["weight_labels"], n)
+                if why:
+                    extra["weight_version_unknown"] = sorted(set(why))
+            res = dict(s["resolved"] or {})
+            stop = s["stop_reason"]
             row: dict[str, Any] = {
-                "request_id": request_id, "run_id": self.run_id, "engine_id": engine_id,
-                "engine_request_id": engine_request_id, "surface": surface, "step": step,
-                "group_id": group_id, "sample_idx": sample_idx,
-                "prompt_token_ids": list(prompt_token_ids) if prompt_token_ids is not None else None,
-                "output_token_ids": list(output_token_ids),
-                "sampling_requested": dict(requested or {}), "sampling_resolved": res,
-                "num_logprobs": num_logprobs, "finish_reason": finish_reason,
-                "stop_reason": None if stop_reason is None else str(stop_reason),
-                "weight_version_start": version_start, "weight_version_end": version_end,
-                "num_cached_tokens": num_cached_tokens, "t_submit": t_submit,
-                "t_first_token": t_first_token, "t_finish": t_finish,
-                "extra": dict(extra) if extra else None,
+                "request_id": s["request_id"], "run_id": self.run_id, "engine_id": s["engine_id"],
+                "engine_request_id": s["engine_request_id"], "surface": s["surface"], "step": s["step"],
+                "group_id": s["group_id"], "sample_idx": s["sample_idx"],
+                "prompt_token_ids": list(s["prompt_token_ids"]) if s["prompt_token_ids"] is not None else None,
+                "output_token_ids": list(ids),
+                "sampling_requested": dict(s["requested"] or {}), "sampling_resolved": res,
+                "num_logprobs": s["num_logprobs"], "finish_reason": s["finish_reason"],
+                "stop_reason": None if stop is None else str(stop),
+                "weight_version_start": vs, "weight_version_end": ve,
+                "num_cached_tokens": s["num_cached_tokens"], "t_submit": s["t_submit"],
+                "t_first_token": s["t_first_token"], "t_finish": s["t_finish"],
+                "extra": extra or None,
             }
             for c in _SCALAR_COLS:
                 v = res.get(c)
                 row[c] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
             self.writer.write("requests", row)
-            n = len(output_token_ids)
             if n:
+                lps = s["logprobs"]
                 cols: dict[str, Any] = {
                     "pos": range(n),
-                    "token_id": list(output_token_ids),
-                    "logprob": list(logprobs) if logprobs is not None else [None] * n,
-                    "weight_version": list(token_versions) if token_versions is not None else [None] * n,
+                    "token_id": list(ids),
+                    "logprob": list(lps) if lps is not None else [None] * n,
+                    "weight_version": list(tv) if tv is not None else [None] * n,
                 }
-                if top_token_ids is not None:
-                    cols["top_token_ids"] = list(top_token_ids)
-                    cols["top_logprobs"] = list(top_logprobs or [])
-                self.writer.write_columns("tokens", cols, request_id=request_id)
+                if s["top_token_ids"] is not None:
+                    cols["top_token_ids"] = list(s["top_token_ids"])
+                    cols["top_logprobs"] = list(s["top_logprobs"] or [])
+                self.writer.write_columns("tokens", cols, request_id=s["request_id"])
         except Exception as e:
             self._count_error(f"emit_sample: {type(e).__name__}: {e}")
 
@@ -313,26 +354,59 @@ class Recorder:
     def log_weights(self, version: int, source: Any, *, step: int | None = None, force: bool = False) -> bool:
         """Store a snapshot of ``version`` (tensors dict, state_dict, safetensors file or directory).
 
-        Honors ``snapshot_every`` unless ``force``. Blob writing happens in the calling thread
-        (it is I/O the caller asked for); failures are counted, never raised.
+        Also the job's statement that ``version`` is now live: a weight change it pushed itself
+        since its last statement (``collective_rpc("reload_weights")``) gets this version (see
+        "Weight versions" in docs/recording.md). Honors ``snapshot_every`` unless ``force``. Blob
+        writing happens in the calling thread (it is I/O the caller asked for); failures are
+        counted, never raised.
         """
         version = int(version)
+        changes = []
+        try:
+            changes = self.versions.statement(version, source_path(source), step)
+        except Exception as e:
+            self._count_error(f"log_weights({version}) statement: {type(e).__name__}: {e}")
+        took = False
+        try:
+            took = self._log_snapshot(version, source, step, force)
+        finally:
+            for ch in changes:
+                self.versions.write_row(ch, snapshot=version in self._snapshotted)
+        return took
+
+    def _log_snapshot(self, version: int, source: Any, step: int | None, force: bool) -> bool:
         with self._lock:
             take = force or (self.snapshot_every > 0 and self._weight_logs % self.snapshot_every == 0)
             self._weight_logs += 1
         if not take or version in self._snapshotted:
             return False
-        from ..store.weights import put_tensors
-
-        rows = put_tensors(self.root, _iter_tensors(source), version=version,
-                           step=self._step if step is None else step, run_id=self.run_id)
+        rows = self.snapshot_blobs(source, step)
         if not rows:  # e.g. a directory of .bin/.pt files: never unpickled, so nothing to store
             self._count_error(f"log_weights({version}): no safetensors tensors found in {source!r:.200}")
             return False
-        self._snapshotted.add(version)
+        return self.add_snapshot_rows(version, rows, step)
+
+    def snapshot_blobs(self, source: Any, step: int | None) -> list[dict[str, Any]]:
+        """Write ``source``'s tensors as blobs now; return their ``weights`` rows, not yet queued
+        (``add_snapshot_rows`` names and queues them)."""
+        from ..store.weights import put_tensors
+
+        return put_tensors(self.root, _iter_tensors(source), version=-1, run_id=self.run_id,
+                           step=self._step if step is None else step)
+
+    def add_snapshot_rows(self, version: int, rows: list[dict[str, Any]], step: int | None) -> bool:
+        """Queue snapshot rows (from ``snapshot_blobs``) as ``version``; False if it has one."""
+        with self._lock:
+            if version in self._snapshotted:
+                return False
+            self._snapshotted.add(version)
+        for r in rows:
+            r["version"] = version
+            if step is not None:
+                r["step"] = step
         return self.writer.write("weights", rows)
 
-    def _weights_dir(self, source: Any, model_dir: str | None) -> str:
+    def weights_dir(self, source: Any, model_dir: str | None) -> str:
         """A directory vLLM's reload_weights can read: the source itself, or a temp checkpoint."""
         if isinstance(source, (str, os.PathLike)):
             p = Path(source)
@@ -357,6 +431,7 @@ class Recorder:
     def write_weight_sync(
         self, *, engine_id: str | None, version: int, step: int | None, t_start: _dt.datetime,
         method: str, checksums: Any, ok: bool, error: str | None, snapshot: bool,
+        t_end: _dt.datetime | None = None,
     ) -> None:
         flat = _flatten_checksums(checksums)
         digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest() if flat else None
@@ -368,7 +443,7 @@ class Recorder:
             self._last_checksum[engine_id or ""] = digest
         self.writer.write("weight_syncs", {
             "engine_id": engine_id, "run_id": self.run_id, "version": int(version),
-            "step": self._step if step is None else step, "t_start": t_start, "t_end": _now(),
+            "step": self._step if step is None else step, "t_start": t_start, "t_end": t_end or _now(),
             "method": method, "engine_checksum": digest, "engine_checksums": flat, "snapshot": snapshot,
             "ok": ok, "error": error,
         })
@@ -397,12 +472,22 @@ class Recorder:
         return await update_async_weights(self, engine, version, source, step=step, snapshot=snapshot,
                                           pause=pause, reset_running_requests=reset_running_requests)
 
-    def _maybe_snapshot(self, version: int, source: Any, step: int | None, snapshot: bool | None) -> bool:
+    def snapshot_version(self, version: int, source: Any, step: int | None, snapshot: bool | None) -> bool:
+        """The snapshot an update pushed through the recorder takes (``snapshot``: None = per
+        ``snapshot_every``, True = always, False = never)."""
         if snapshot is False:
             return False
-        return bool(self.log_weights(version, source, step=step, force=bool(snapshot)))
+        try:
+            return self._log_snapshot(int(version), source, step, bool(snapshot))
+        except Exception as e:
+            self._count_error(f"snapshot of version {version}: {type(e).__name__}: {e}")
+            return False
 
     # ------------------------------------------------------------------ lifecycle
+    def count_error(self, msg: str) -> None:
+        """Count (and log at most three times) a recording failure; never raises."""
+        self._count_error(msg)
+
     def _count_error(self, msg: str) -> None:
         self.errors += 1
         if len(self.error_messages) < 100:
@@ -445,6 +530,10 @@ class Recorder:
                     self.unwrap(eng)
                 except Exception as e:  # noqa: BLE001
                     self._count_error(f"unwrap: {e}")
+        try:  # versions of the job's last weight changes; held samples are written
+            self.versions.close()
+        except Exception as e:
+            self._count_error(f"versions close: {type(e).__name__}: {e}")
         try:
             st = self.writer.close(timeout)
         except Exception as e:
@@ -465,25 +554,75 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------- helpers
-# Method a wrap replaces -> the attribute of the engine's hooks object holding what was there before.
-_HOOKED = {"generate": "orig_generate", "chat": "orig_chat", "collective_rpc": "orig_rpc"}
+class Hooks:
+    """Base of an engine's hooks object (llm.py, async_llm.py): installs methods as instance
+    attributes (on the engine and on objects it owns), remembers what was there, puts it back.
+
+    A hook only records while its object is the engine's current ``_tracekit_hooks``: hooks left
+    behind on a shared engine by code that dropped the attributes by hand pass straight through.
+    """
+
+    def __init__(self, recorder: Recorder, engine: Any) -> None:
+        self.recorder = recorder
+        self.engine = engine
+        self.installed: list[tuple[Any, str, Any, Any]] = []  # (object, name, original, hook)
+
+    @property
+    def live(self) -> bool:
+        return self.engine.__dict__.get("_tracekit_hooks") is self
+
+    def original(self, obj: Any, name: str) -> Any:
+        for o, n, orig, _ in self.installed:
+            if o is obj and n == name:
+                return orig
+        return None
+
+    def install(self, obj: Any, name: str, hook: Any) -> Any:
+        """Put ``hook`` in place of ``obj.name``; return the original it wraps (None: no such method)."""
+        cur = getattr(obj, name, None)
+        if cur is None:
+            return None
+        owner = getattr(cur, "__self__", None)
+        while isinstance(owner, Hooks) and owner.original(obj, name) is not None:  # a stale tracekit hook
+            cur = owner.original(obj, name)
+            owner = getattr(cur, "__self__", None)
+        setattr(obj, name, hook)
+        self.installed.append((obj, name, cur, hook))
+        return cur
+
+    def remove(self) -> None:
+        for obj, name, orig, hook in reversed(self.installed):
+            if obj.__dict__.get(name) is not hook:
+                continue  # replaced since: not ours to restore
+            if getattr(orig, "__self__", None) is obj and getattr(orig, "__func__", None) is getattr(type(obj), name, None):
+                del obj.__dict__[name]  # back to the class method
+            else:
+                setattr(obj, name, orig)  # the user's own patch underneath ours
+        self.installed.clear()
 
 
 def _remove_hooks(engine: Any) -> None:
-    """Put back the methods a wrap replaced: the class's own, or whatever was there before."""
+    """Put back every method a wrap replaced: the class's own, or whatever was there before."""
     hooks = engine.__dict__.get("_tracekit_hooks")
-    if hooks is None:
-        return
-    for name, attr in _HOOKED.items():
-        orig = getattr(hooks, attr, None)
-        if name not in engine.__dict__:
-            continue
-        if orig is None or getattr(orig, "__func__", None) is getattr(type(engine), name, None):
-            del engine.__dict__[name]  # back to the class method
-        else:
-            setattr(engine, name, orig)  # the user's own patch underneath ours
+    if isinstance(hooks, Hooks):
+        hooks.remove()
     engine.__dict__.pop("_tracekit_hooks", None)
     engine.__dict__.pop("_tracekit_recorder", None)
+
+
+def source_path(source: Any) -> str | None:
+    """The checkpoint directory a weights source names (None for tensors in memory), so a stated
+    version's source can be compared with the path the engine reloaded."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    p = Path(source)
+    try:
+        p = p.resolve()
+        if p.is_file():
+            p = p.parent
+    except OSError:
+        pass
+    return str(p)
 
 
 def _to_list(x: Any) -> list[float]:
