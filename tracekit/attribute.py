@@ -75,6 +75,7 @@ class Attribution:
     migration_gaps: list[Metrics] = field(default_factory=list)
     # replay name -> settings its engine changed vs the recorded one (replays outside the ladder)
     engine_changes: dict[str, list[EngineChange]] = field(default_factory=dict)
+    migration: Any = None  # tracekit.migration.Migration
     notes: list[str] = field(default_factory=list)
 
     def found(self) -> list[str]:
@@ -94,6 +95,7 @@ class Attribution:
             "replays_run": self.replays_run,
             "migration_gaps": [m.as_dict() for m in self.migration_gaps],
             "engine_changes": {r: [c.as_dict() for c in cs] for r, cs in self.engine_changes.items()},
+            "migration": self.migration.as_dict() if self.migration else None,
             "notes": self.notes,
         })
 
@@ -238,11 +240,18 @@ def attribute(
     thresholds: Thresholds | None = None,
     progress: bool = False,
     model: str | None = None,
+    migration: bool = False,
+    engine_args: dict[str, Any] | None = None,
+    hf_overrides: dict[str, Any] | None = None,
+    gate: tuple[str, float] | None = None,
 ) -> Attribution:
     """Decide present / absent / inconclusive for every cause of the recorded-vs-trainer gap.
 
     ``replay=False`` uses only the recorded data and replays that already exist.
     ``python``: interpreter for the replays' engine side (another venv / vLLM version).
+    ``migration``: also split the recorded-vs-new-engine gap (``python`` + ``engine_args`` /
+    ``hf_overrides``) by changed setting (tracekit.migration); needs no trainer logprobs.
+    ``gate``: (metric, value) the recorded-vs-new metric must stay under.
     """
     t = trace if isinstance(trace, Trace) else Trace(trace)
     th = thresholds or Thresholds()
@@ -255,6 +264,12 @@ def attribute(
             ctx.notes.append("no trainer logprobs in the trace: the recorded-vs-trainer gap is undefined, "
                              "only signatures are checked (log them with rec.log_trainer_logprobs)")
             ctx.run_replays = False
+        mig = None
+        if migration and replay:
+            from .migration import migrate
+
+            mig = migrate(t, python=python, engine_args=engine_args, hf_overrides=hf_overrides, gate=gate,
+                          thresholds=th, progress=progress, model=model)
         evidence = {c.id: c.evidence(ctx) for c in causes}
         gap = ctx.metrics("recorded", "trainer") if ctx.has_trainer else None
         ladder = build_ladder(ctx, causes, evidence) if ctx.has_trainer else []
@@ -291,7 +306,7 @@ def attribute(
             gap_definition="mean |Δ| with Δ = recorded engine logprob − trainer logprob, same tokens",
             thresholds=th, calibration=ctx.cal, causes=results, ladder=ladder, residual=residual,
             replays_used=sorted(ctx.replays_used), replays_run=ctx.replays_run, migration_gaps=migration,
-            engine_changes=changes,
+            engine_changes=changes, migration=mig,
             notes=ctx.notes,
         )
     finally:
@@ -299,11 +314,16 @@ def attribute(
 
 
 def check_fail_on(result: Attribution, fail_on: str | None) -> bool:
-    """True when ``--fail-on`` (a cause id or 'any') matches a present cause."""
+    """True when ``--fail-on`` matches: 'any' (a present cause or an exceeded migration gate), a
+    cause id that is present, or a changed setting / 'version' the exceeded gate blames."""
     if not fail_on:
         return False
     found = set(result.found())
-    return bool(found) if fail_on == "any" else fail_on in found
+    mig = result.migration
+    blamed = set(mig.flagged()) if mig is not None else set()
+    if fail_on == "any":
+        return bool(found) or (mig is not None and mig.gate_exceeded)
+    return fail_on in found or fail_on in blamed
 
 
 # ---------------------------------------------------------------------- terminal report
@@ -349,6 +369,10 @@ def render(result: Attribution, console: Any) -> None:
         console.print(lt)
         if result.residual is not None:
             console.print(f"residual after all rungs: {100 * result.residual:.0f}% of the gap")
+    if result.migration is not None:
+        from .migration import render as render_migration
+
+        render_migration(result.migration, console)
     for m in result.migration_gaps:
         console.print(f"migration gap {m.a} vs {m.b}: mean |Δ| {_f(m.mean_abs_delta)} on {m.tokens:,} tokens, "
                       f"clip rate {100 * (m.clip_rate or 0):.1f}%")

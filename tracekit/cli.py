@@ -368,8 +368,10 @@ def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
 def _fail_on_choice(value: str | None) -> str | None:
     from .causes import cause_ids
 
-    if value is not None and value != "any" and value not in cause_ids():
-        raise click.BadParameter(f"{value!r} is not 'any' or a cause: {', '.join(cause_ids())}")
+    if value is not None and value != "any" and value not in cause_ids() and value != "version" \
+            and not value.replace("_", "").replace(".", "").isalnum():
+        raise click.BadParameter(f"{value!r} is not 'any', 'version', a changed setting or a cause: "
+                                 f"{', '.join(cause_ids())}")
     return value
 
 
@@ -377,21 +379,40 @@ def _fail_on_choice(value: str | None) -> str | None:
 @trace_arg
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("--fail-on", "fail_on", callback=lambda ctx, p, v: _fail_on_choice(v),
-              help="Exit 1 when this cause (or 'any') is present: a CI gate for migrations.")
+              help="Exit 1 when this cause (or 'any') is present, or, with --gate, when the migration "
+                   "gate is exceeded and this changed setting (or 'version') is to blame.")
 @click.option("--no-replay", is_flag=True, help="Use only recorded data and replays that already exist.")
 @click.option("--python", "python", type=click.Path(exists=True, dir_okay=False),
-              help="Interpreter for the replays' engine side (another venv / vLLM version).")
+              help="Interpreter of the new engine (another venv / vLLM version): the ladder's replays run "
+                   "there and the migration audit splits the recorded-vs-new gap by changed setting.")
+@click.option("--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the new engine for the migration audit (vLLM's own name).")
+@click.option("--hf-override", "hf_override", multiple=True, metavar="KEY=VALUE",
+              help="An hf_overrides entry of the new engine for the migration audit.")
+@click.option("--gate", metavar="METRIC=VALUE",
+              help="Migration gate on recorded vs new: mean_abs_delta, max_abs_delta, clip_rate, seq_clip_rate "
+                   "or k3, e.g. clip_rate=0.01.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False),
               help="Model directory, when the recorded path does not exist on this machine.")
 @click.option("--eps", type=float, default=0.2, show_default=True, help="Clip range for the reported metrics.")
 def attribute(trace: Path, fmt: str, fail_on: str | None, no_replay: bool, python: str | None,
+              engine_arg: tuple[str, ...], hf_override: tuple[str, ...], gate: str | None,
               model: str | None, eps: float) -> None:
-    """Name the cause(s) of the recorded-vs-trainer logprob gap, with evidence, share and fix."""
+    """Name the cause(s) of the recorded-vs-trainer logprob gap, with evidence, share and fix; with
+    --python (or --engine-arg), split the recorded-vs-new-engine gap by changed setting."""
     from .attribute import Thresholds, check_fail_on, render
     from .attribute import attribute as run_attribute
+    from .migration import parse_gate
+    from .replay import parse_kv
 
+    try:
+        g = parse_gate(gate)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    ea, hf = parse_kv(engine_arg), parse_kv(hf_override, "--hf-override")
     res = run_attribute(trace, replay=not no_replay, python=python, model=model,
-                        thresholds=Thresholds(eps=eps), progress=fmt == "table" and sys.stderr.isatty())
+                        thresholds=Thresholds(eps=eps), progress=fmt == "table" and sys.stderr.isatty(),
+                        migration=bool(python or ea or hf), engine_args=ea, hf_overrides=hf, gate=g)
     if fmt == "json":
         click.echo(json.dumps(res.as_dict(), indent=1, default=str))
     else:
