@@ -76,7 +76,8 @@ def test_request_answers_like_torch_on_this_cpu() -> None:
     r = _py("import torch; from tracekit import amx; print(amx.request(), torch.cpu._init_amx(), amx.permitted())", env)
     assert r.returncode == 0, r.stderr
     ours, torch_says, held = r.stdout.split()
-    assert ours == torch_says == held == str(amx.needed()), r.stdout
+    assert ours == torch_says == (held if held != "None" else "False"), r.stdout  # None: not Linux x86_64
+    assert ours == "False" or amx.needed()
 
 
 def test_engine_side_modules_ask_at_import_and_pass_it_on(amx_env: Any) -> None:
