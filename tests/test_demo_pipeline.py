@@ -14,10 +14,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.venv_old]
 
 
 def test_demo_names_the_planted_cause_and_writes_the_report(tmp_path: Path, old_python: str) -> None:
+    """The demo upgrades, like `make demo`: it records on the older release (the second venv) and
+    migrates to this venv's newer one."""
     out = tmp_path / "demo"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     res = subprocess.run(
-        [sys.executable, "-m", "tracekit.cli", "demo", "--out", str(out), "--new-python", old_python,
+        [old_python, "-m", "tracekit.cli", "demo", "--out", str(out), "--new-python", sys.executable,
          "--fault", "logprob_mode", "--steps", "2"],
         capture_output=True, text=True, timeout=1800, env=env,
     )
@@ -41,3 +43,10 @@ def test_demo_names_the_planted_cause_and_writes_the_report(tmp_path: Path, old_
     assert release["recorded"] != release["replay"] and release["cause"] is None
     assert "vllm_version" in res.stdout  # the rendered table of those changes
     assert "engine settings replay:new-engine changed vs the recorded engine" in html
+    # The migration audit: the new engine returns processed logprobs (the fix); that setting is
+    # most of the recorded-vs-new gap, the release itself the rest.
+    mig = attribution["migration"]
+    assert mig["recorded_version"] != mig["new_version"]
+    (mode,) = [s for s in mig["settings"] if s["knob"] == "logprobs_mode"]
+    assert mode["recorded"] == "raw_logprobs" and mode["new"] == "processed_logprobs" and mode["share_alone"] > 0.5
+    assert "the version itself" in res.stdout and "Migration: vLLM" in html

@@ -2,8 +2,10 @@
 
 1. build a tiny model (no hub),
 2. record the toy GRPO job on this venv's vLLM with faults planted ("the old config"),
-3. replay it as-is on another engine (``new_python``: a venv with another vLLM release),
-4. attribute the recorded-vs-trainer gap (the ablation ladder's replays run on that engine),
+3. replay it on the new engine (``new_python``: a venv with another vLLM release, with the config
+   the team migrates to: by default the fixes for the planted faults),
+4. attribute the recorded-vs-trainer gap (the replays run on that engine) and split the
+   recorded-vs-new gap by changed setting (the migration audit),
 5. write the HTML + PNG report, and print a short verdict with the paths.
 """
 
@@ -50,9 +52,14 @@ def run_demo(
     prompts_per_step: int = 4,
     max_tokens: int = 16,
     seed: int = 0,
+    new_engine_args: dict[str, Any] | None = None,
+    new_hf_overrides: dict[str, Any] | None = None,
     log: Callable[[str], Any] = print,
 ) -> DemoResult:
-    """Run the demo into ``out`` (must be absent or empty) and return what it found and wrote."""
+    """Run the demo into ``out`` (must be absent or empty) and return what it found and wrote.
+
+    ``new_engine_args`` / ``new_hf_overrides``: the new engine's config; None = the fixes for the
+    planted faults (what a team would switch on when it upgrades)."""
     from ..attribute import attribute
     from ..replay import replay
     from ..report import write_report
@@ -84,13 +91,16 @@ def run_demo(
 
     t = time.time()
     engine = _engine_version(new_python)
-    log(f"[3/5] replaying the trace unchanged on {engine}")
-    replay(trace, "new-engine", python=new_python, progress=False)
+    ea, hf = new_config(planted) if new_engine_args is None and new_hf_overrides is None else \
+        (dict(new_engine_args or {}), dict(new_hf_overrides or {}))
+    log(f"[3/5] replaying the trace on {engine} with {_describe(ea, hf)}")
+    replay(trace, "new-engine", python=new_python, engine_args=ea, hf_overrides=hf, progress=False)
     timings["replay"] = time.time() - t
 
     t = time.time()
-    log("[4/5] attributing the gap (ablation replays on the same engine)")
-    result = attribute(trace, python=new_python)
+    log("[4/5] attributing the recorded-vs-trainer gap and splitting the recorded-vs-new gap by setting")
+    result = attribute(trace, python=new_python, migration=True, engine_args=ea, hf_overrides=hf,
+                       gate=("clip_rate", 0.01))
     attribution = result.as_dict()
     (out / "attribution.json").write_text(json.dumps(attribution, indent=2, default=str))
     timings["attribute"] = time.time() - t
@@ -100,6 +110,24 @@ def run_demo(
     report = write_report(trace, out / "report", attribution=attribution)
     timings["report"] = time.time() - t
     return DemoResult(out, trace, report, attribution, result, list(result.found()), list(faults), timings)
+
+
+def new_config(planted: Faults) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The new engine's settings in the demo: the fixes for the planted config faults."""
+    ea: dict[str, Any] = {}
+    hf: dict[str, Any] = {}
+    if planted.logprob_mode:
+        ea["logprobs_mode"] = "processed_logprobs"
+    if planted.runtime_defaults:
+        ea["generation_config"] = "vllm"
+    if planted.lm_head_precision:
+        hf["head_dtype"] = "float32"
+    return ea, hf
+
+
+def _describe(ea: dict[str, Any], hf: dict[str, Any]) -> str:
+    items = [f"{k}={v}" for k, v in ea.items()] + [f"hf_overrides.{k}={v}" for k, v in hf.items()]
+    return ", ".join(items) if items else "the recorded config"
 
 
 def _engine_version(python: str | None) -> str:
