@@ -328,9 +328,7 @@ def test_reload_the_job_pushes_itself_is_observed_and_labeled(engine_pool, model
     assert [[got[c.tracekit_request_id] for o in out for c in o.outputs] for out in outs] == \
         [[[0]] * 2, [[1]] * 2, [[7]] * 2]
     syncs = _q(tmp_path / "t", "SELECT version, method, error, engine_checksum FROM weight_syncs ORDER BY t_end")
-    assert [(v, m) for v, m, _, _ in syncs] == [(0, "baseline"), (1, "collective_rpc:reload_weights"),
-                                                (7, "collective_rpc:reload_weights")]
-    syncs = syncs[1:]
+    assert [(v, m) for v, m, _, _ in syncs] == [(1, "collective_rpc:reload_weights"), (7, "collective_rpc:reload_weights")]
     assert "ordinal 1" in syncs[0][2] and "the job's own engine label before the change" in syncs[1][2]
     assert syncs[0][3] and syncs[1][3] and syncs[0][3] != syncs[1][3]  # checksums of the pushed weights
 

@@ -394,6 +394,10 @@ class Recorder:
         return put_tensors(self.root, _iter_tensors(source), version=-1, run_id=self.run_id,
                            step=self._step if step is None else step)
 
+    def has_snapshot(self, version: int) -> bool:
+        """Whether this recorder stored a snapshot of ``version``."""
+        return version in self._snapshotted
+
     def add_snapshot_rows(self, version: int, rows: list[dict[str, Any]], step: int | None) -> bool:
         """Queue snapshot rows (from ``snapshot_blobs``) as ``version``; False if it has one."""
         with self._lock:

@@ -245,12 +245,15 @@ class Versions:
                 self._arm(ch)
 
     def baseline_due(self, key: str) -> bool:
-        """True once per engine, before the first weight change the job pushes while the engine's
-        version is known: the adapter then checksums the weights it holds (``baseline``), so a
-        later push that leaves these weights in the engine matches a row of their version."""
+        """True once per engine, before the first weight change the job pushes, when the version
+        the engine holds is known and snapshotted (``rec.log_weights(0, ...)``): the adapter then
+        checksums those weights (``baseline``), so a later push that leaves them in the engine
+        matches a row of their version (STALE_CHECKSUM_SQL). Without a snapshot no row is written:
+        the replay takes a version that was never synced for the model as loaded."""
         with self.lock:
             e = self.engine(key)
-            due = not e.baselined and e.ordinal == 0 and e.session is None and e.current is not None
+            due = not e.baselined and e.ordinal == 0 and e.session is None and e.current is not None \
+                and self.rec.has_snapshot(e.current)
             e.baselined = True
             return due
 
