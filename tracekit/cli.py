@@ -365,6 +365,45 @@ def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
     con.print(t)
 
 
+@cli.command("metrics")
+@trace_arg
+@click.option("--a", "a", default="recorded", show_default=True,
+              help="Rollout side (behaviour/old policy: the engine that sampled): recorded, trainer, replay:NAME[:processed].")
+@click.option("--b", "b", default="trainer", show_default=True, help="Training side (the policy the trainer scores with).")
+@click.option("--by", default="step", show_default=True,
+              type=click.Choice(["step", "request", "position", "weight_version", "group", "sampling",
+                                 "temperature", "cache_hit", "all"]))
+@click.option("--style", default="all", show_default=True, type=click.Choice(["verl", "slime", "pipelinerl", "trl", "all"]),
+              help="Whose metrics, under their own names (docs/metrics.md).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def metrics_cmd(trace: Path, a: str, b: str, by: str, style: str, fmt: str) -> None:
+    """verl, slime, PipelineRL and TRL mismatch metrics of a (rollout) vs b (training), per group."""
+    from .compare.anchors import STYLES, anchor_metrics, metrics_for, threshold
+    from .compare.metrics import finite_or_str
+
+    cols, rows = anchor_metrics(trace, a, b, by=by, style=style)
+    rows = [tuple(finite_or_str(v) for v in r) for r in rows]
+    if fmt != "table":
+        emit_rows(cols, rows, fmt)
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = _console()
+    con.width = max(con.width, 160)
+    for s in STYLES if style == "all" else (style,):  # one table per stack: a row per metric, a column per group
+        t = Table(title=f"{s}: a = {a} (rollout), b = {b} (training), by {by}")
+        t.add_column("metric")
+        for r in rows:
+            t.add_column(f"{cols[0]} {_cell(r[0])}", justify="right")
+        t.add_column("threshold", overflow="fold")
+        for name, thr in [(c, "") for c in cols[1:4]] + [(m.name, threshold(m) or "") for m in metrics_for(s)]:
+            i = cols.index(name)
+            t.add_row(escape(name), *[f"{r[i]:.4g}" if isinstance(r[i], float) else _cell(r[i]) for r in rows],
+                      escape(thr))
+        con.print(t)
+
+
 def _fail_on_choice(value: str | None) -> str | None:
     from .causes import cause_ids
 

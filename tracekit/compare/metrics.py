@@ -95,7 +95,14 @@ def diff(
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Metrics of a vs b grouped by ``by``: (column names, rows)."""
     t = trace if isinstance(trace, Trace) else Trace(trace)
-    sql = diff_sql(t, a, b, by, eps)
+    return run(t, diff_sql(t, a, b, by, eps), con)
+
+
+def run(
+    t: Trace, sql: str, con: duckdb.DuckDBPyConnection | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """(column names, rows) of ``sql`` on ``con`` (default: a read-only connection to ``t``, closed
+    after); a DuckDB error becomes a one-line QueryError."""
     own = con is None
     con = con or t.connect(read_only=True)
     try:

@@ -59,6 +59,7 @@ def write_report(
         "curves": plots.curves_png(data),
         "delta_hist": plots.delta_hist_png(data),
         "delta_by_step": plots.delta_by_step_png(data),
+        "anchors": plots.anchors_png(data),
     }
     wf = _waterfall(attr)
     if wf is not None:
@@ -166,6 +167,8 @@ def _render(d: ReportData, figs: dict[str, bytes], attr: dict[str, Any] | None, 
         verdict=verdict, summary=summary, engines=engines, reference=html.escape(d.reference or "-"),
         totals=totals, fig_curves=_img(figs["curves"], "per-step clip rate, KL, entropy and reward by source"),
         fig_delta_hist=hist, fig_delta_by_step=by_step, attribution=attribution, version=__version__,
+        fig_anchors=_img(figs["anchors"], "verl, slime, PipelineRL and TRL mismatch metrics by step"),
+        anchor_pair=html.escape("a = {}, b = {}".format(*d.anchor_pair) if d.anchor_pair else "no pair of sources"),
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     return page

@@ -36,6 +36,10 @@ class ReportData:
     # source -> sample of finite Δ values (for the histogram)
     deltas: dict[str, list[float]] = field(default_factory=dict)
     job_metrics: list[dict[str, Any]] | None = None
+    # The RL stacks' own metrics by step (tracekit.compare.anchors) for one pair (rollout a, training b):
+    # recorded vs trainer, else recorded vs the first replay. {metric name: {step: value}}.
+    anchor_pair: tuple[str, str] | None = None
+    anchors: dict[str, dict[int, float | None]] = field(default_factory=dict)
 
 
 def _lit(s: str) -> str:
@@ -59,6 +63,7 @@ def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> 
             "SELECT q.step, avg(coalesce(w.reward, q.reward)) FROM requests q "
             "LEFT JOIN (SELECT request_id, arg_max(reward, time) AS reward FROM rewards GROUP BY 1) w "
             "USING (request_id) WHERE coalesce(w.reward, q.reward) IS NOT NULL GROUP BY 1").fetchall())
+        _anchors(t, con, data)
         if reference is None:
             return data
         ref, e = _lit(reference), repr(float(eps))
@@ -94,6 +99,29 @@ def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> 
         return data
     finally:
         con.close()
+
+
+# The anchor metrics the report plots (a subset; `tracekit metrics` prints them all).
+ANCHOR_PLOT = ("training/rollout_probs_diff_mean", "training/rollout_probs_diff_max",
+               "train/train_rollout_logprob_abs_diff", "rl/kl_new_old",
+               "sampling/importance_sampling_ratio/mean[sequence_mask]")
+
+
+def _anchors(t: Trace, con: Any, data: ReportData) -> None:
+    """Anchor metrics by step: recorded (rollout) vs trainer, else vs the first replay."""
+    from ..compare.anchors import anchor_metrics
+
+    srcs = data.sources
+    train = "trainer" if "trainer" in srcs else next((s for s in srcs if s.startswith("replay:")), None)
+    if "recorded" not in srcs or train is None:
+        return
+    data.anchor_pair = ("recorded", train)
+    cols, rows = anchor_metrics(t, "recorded", train, by="step", con=con)
+    for row in rows:
+        m = dict(zip(cols, row))
+        if m["tokens"]:
+            for name in ANCHOR_PLOT:
+                data.anchors.setdefault(name, {})[_step(m["step"])] = m[name]
 
 
 def _step(v: Any) -> int:

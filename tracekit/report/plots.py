@@ -170,3 +170,37 @@ def waterfall_png(steps: list[tuple[str, float]], total: float, residual: float,
     ax.set_title("Share of the gap each cause closes (ablation ladder)")
     fig.tight_layout()
     return _png(fig)
+
+
+def anchors_png(d: ReportData) -> bytes:
+    """The RL stacks' own mismatch metrics by step for one pair: gaps (left), TRL's IS ratio (right)."""
+    from .data import ANCHOR_PLOT
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    *gaps, ratio = ANCHOR_PLOT
+    for ax, names in ((axes[0], gaps), (axes[1], [ratio])):
+        plotted = False
+        for i, name in enumerate(names):
+            pts = sorted((s, v) for s, v in d.anchors.get(name, {}).items() if v is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=_STYLES[i % len(_STYLES)],
+                        marker=_MARKERS[i % len(_MARKERS)], ms=4, label=name)
+                plotted = True
+        if not plotted:
+            ax.text(0.5, 0.5, "no pair of sources to compare", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(_int_locator())
+    axes[0].axhline(0.01, color="grey", linestyle=":", linewidth=1, label="verl: probs diff mean > 0.01 = problem")
+    axes[1].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_yscale("symlog", linthresh=1e-4)  # a bitwise replay is 0; engine/trainer gaps ~1e-3
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_title("verl probs diff, slime |Δ|, PipelineRL KL(new‖old) (symlog)")
+    axes[1].set_title("TRL IS ratio mean (sequence_mask, C_max 3)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    a, b = d.anchor_pair or ("-", "-")
+    fig.suptitle(f"Anchor metrics by step: rollout a = {a}, training b = {b}")
+    fig.tight_layout()
+    return _png(fig)
