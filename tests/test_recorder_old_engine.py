@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -51,11 +52,12 @@ if __name__ == "__main__":
 """
 
 
-def test_recorder_falls_back_on_vllm_0_27(old_python, tiny_model, tmp_path):
-    job = tmp_path / "job.py"
-    job.write_text(textwrap.dedent(JOB))
-    p = subprocess.Popen([old_python, str(job), str(tiny_model), str(tmp_path / "t")], start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_job(python: str, job: str, args: list, tmp_path: Path, env: dict | None = None) -> None:
+    """Run a job script (source text) under ``python`` in its own process group; it must exit 0."""
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(job))
+    p = subprocess.Popen([python, str(path), *map(str, args)], start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
     try:
         log, _ = p.communicate(timeout=900)
     finally:
@@ -63,6 +65,10 @@ def test_recorder_falls_back_on_vllm_0_27(old_python, tiny_model, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert p.returncode == 0, log[-3000:]
+
+
+def test_recorder_falls_back_on_vllm_0_27(old_python, tiny_model, tmp_path):
+    run_job(old_python, JOB, [tiny_model, tmp_path / "t"], tmp_path)
     con = Trace(tmp_path / "t").connect(read_only=False)
     # No spans on 0.27.1: the label read around each generate call tags the tokens.
     assert con.execute("SELECT weight_version, count(*) FROM tokens GROUP BY 1 ORDER BY 1").fetchall() == [(0, 16), (1, 16)]

@@ -8,29 +8,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_recorder import PROMPTS, _q
+from test_recorder_old_engine import run_job
 
 import tracekit
 from tracekit.store.reader import Trace
 
 pytestmark = pytest.mark.engine
-
-PROMPTS = ["the quick brown fox", "one two three", "add the numbers", "a b c d"]
-
-
-def _q(trace: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = Trace(trace).connect(read_only=False)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def _checkpoint(model: Path, out: Path, seed: int) -> Path:
@@ -259,20 +248,9 @@ if __name__ == "__main__":
 
 
 def _run_async_job(python: str, ckpts: dict[int, Path], tmp_path: Path) -> tuple[dict, Path]:
-    job = tmp_path / "job.py"
-    job.write_text(textwrap.dedent(ASYNC_JOB))
     out = tmp_path / "t"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # AsyncLLM: own process
-    p = subprocess.Popen([python, str(job), str(ckpts[0]), str(ckpts[1]), str(out)], start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         cwd=str(Path(__file__).resolve().parents[1]))
-    try:
-        log, _ = p.communicate(timeout=900)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 0, log[-3000:]
+    run_job(python, ASYNC_JOB, [ckpts[0], ckpts[1], out], tmp_path, env=env)
     return json.loads(Path(str(out) + ".json").read_text()), out
 
 

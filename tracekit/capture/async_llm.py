@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from .llm import (
@@ -48,7 +48,7 @@ class _AsyncHooks(Hooks):
     def __init__(self, recorder: Recorder, engine: Any, engine_args: Mapping[str, Any] | None) -> None:
         super().__init__(recorder, engine)
         self.engine_id = recorder.register_engine(engine, surface="async_llm", engine_args=engine_args)
-        self.key = self.engine_id or f"async-llm-{id(engine):x}"
+        self.key = self.engine_id or self.key
         try:
             self.model_dir = str(engine.vllm_config.model_config.model)
         except Exception:
@@ -77,11 +77,7 @@ class _AsyncHooks(Hooks):
     async def update_weight_version(self, new_version: Any, *args: Any, **kw: Any) -> Any:
         """The job labels the engine itself (its label wins; see Versions.job_label)."""
         out = await self.set_label(new_version, *args, **kw)
-        if self.live:
-            try:
-                self.recorder.versions.job_label(self.key, new_version)
-            except Exception as e:
-                self.recorder.count_error(f"job label: {type(e).__name__}: {e}")
+        self.job_labeled(new_version)
         return out
 
     async def collective_rpc(self, method: Any, *args: Any, **kw: Any) -> Any:
@@ -97,6 +93,8 @@ class _AsyncHooks(Hooks):
                 plan = rec.versions.before(self.key, self.engine_id, method, weights_path_arg(args, kw), in_flight=True)
             except Exception as e:
                 rec.count_error(f"observe {method}: {type(e).__name__}: {e}")
+        if plan is not None and self.set_label is None:  # an engine without labels: nothing to tag
+            plan = None
         if plan is None:
             return await self.orig_rpc(method, *args, **kw)
         try:
@@ -116,7 +114,7 @@ class _AsyncHooks(Hooks):
                 out = await call
             except BaseException as e:
                 await _settle(labels_first + labels_after, notes)
-                self._after(plan, ok=False, error=f"{type(e).__name__}: {e}", notes=notes)
+                self.weight_call_done(plan, ok=False, error=f"{type(e).__name__}: {e}", notes=notes)
                 raise
             await _settle(labels_first + labels_after, notes)
         finally:
@@ -131,7 +129,7 @@ class _AsyncHooks(Hooks):
                 cs = _flatten_checksums(await self.engine.compute_weight_checksums())
             except Exception as e:
                 notes.append(f"no engine checksum: {type(e).__name__}: {e}")
-        self._after(plan, ok=True, checksums=cs, notes=notes)
+        self.weight_call_done(plan, ok=True, checksums=cs, notes=notes)
         ch = plan.change
         try:
             if rec.versions.wants_snapshot(ch):  # blob I/O off the event loop
@@ -157,13 +155,6 @@ class _AsyncHooks(Hooks):
                          "the reload and the label are unknown")
             return False
 
-    def _after(self, plan: Plan, *, ok: bool, error: str | None = None, checksums: Any = None,
-               notes: Sequence[str] = ()) -> None:
-        try:
-            self.recorder.versions.after(plan, ok=ok, error=error, checksums=checksums, notes=notes)
-        except Exception as e:
-            self.recorder.count_error(f"observe {plan.change.method}: {type(e).__name__}: {e}")
-
     # -------------------------------------------------------------- generation
     def generate(self, prompt: Any, sampling_params: Any = None, request_id: Any = None, *args: Any, **kw: Any) -> AsyncGenerator[Any, None]:
         if "sampling_params" in kw:
@@ -184,7 +175,11 @@ class _AsyncHooks(Hooks):
             rec.count_error(f"async prepare: {type(e).__name__}: {e}")
             prep, send = None, sampling_params
         t0 = _now()
-        changes0 = rec.versions.submit(self.key)
+        try:
+            changes0 = rec.versions.submit(self.key)
+        except Exception as e:
+            rec.count_error(f"async submit: {type(e).__name__}: {e}")
+            changes0 = -1
         label0 = await self._label() if prep is not None else None
         step, group = rec.current_step, rec.current_group
         delta = _kind(send) == "DELTA"

@@ -147,7 +147,7 @@ class _LLMHooks(Hooks):
         super().__init__(recorder, llm)
         self.llm = llm
         self.engine_id = recorder.register_engine(llm, surface="llm", engine_args=engine_args)
-        self.key = self.engine_id or f"llm-{id(llm):x}"
+        self.key = self.engine_id or self.key
         try:
             self.model_dir = str(llm.llm_engine.vllm_config.model_config.model)
         except Exception:
@@ -245,11 +245,7 @@ class _LLMHooks(Hooks):
     def engine_set_weight_version(self, label: Any, *args: Any, **kw: Any) -> Any:
         """The job labels the engine itself (its label wins; see Versions.job_label)."""
         out = self.set_label(label, *args, **kw)
-        if self.live:
-            try:
-                self.recorder.versions.job_label(self.key, label)
-            except Exception as e:
-                self.recorder.count_error(f"job label: {type(e).__name__}: {e}")
+        self.job_labeled(label)
         return out
 
     def engine_collective_rpc(self, method: Any, *args: Any, **kw: Any) -> Any:
@@ -296,13 +292,13 @@ class _LLMHooks(Hooks):
 
     def _after(self, plan: Plan, *, ok: bool, error: str | None = None, notes: Sequence[str] = ()) -> None:
         rec = self.recorder
+        cs = checksums_llm(self.llm, self.orig_rpc) if ok and plan.complete else None
+        self.weight_call_done(plan, ok=ok, error=error, checksums=cs, notes=notes)
         try:
-            cs = checksums_llm(self.llm, self.orig_rpc) if ok and plan.complete else None
-            rec.versions.after(plan, ok=ok, error=error, checksums=cs, notes=notes)
             if ok and rec.versions.wants_snapshot(plan.change):
                 rec.versions.snapshot_taken(plan.change, rec.snapshot_blobs(plan.change.path, None))
         except Exception as e:
-            rec.count_error(f"observe {plan.change.method}: {type(e).__name__}: {e}")
+            rec.count_error(f"snapshot of reloaded weights: {type(e).__name__}: {e}")
 
     # -------------------------------------------------------------- recording
     def _record(self, outs: list, prep: Any, t0: _dt.datetime, fb: tuple[Any, Any] | None, kind: str) -> None:

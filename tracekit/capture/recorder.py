@@ -289,7 +289,7 @@ class Recorder:
             if s["weight_labels"] is not None:
                 tv, vs, ve, why = self.versions.tokens(s["weight_labels"], n)
                 if why:
-                    extra["weight_version_unknown"] = sorted(set(why))
+                    extra["weight_version_unknown"] = sorted(set(why) | set(extra.get("weight_version_unknown") or ()))
             res = dict(s["resolved"] or {})
             stop = s["stop_reason"]
             row: dict[str, Any] = {
@@ -569,6 +569,7 @@ class Hooks:
     def __init__(self, recorder: Recorder, engine: Any) -> None:
         self.recorder = recorder
         self.engine = engine
+        self.key = f"engine-{id(engine):x}"  # the engine's key in ``Recorder.versions``
         self.installed: list[tuple[Any, str, Any, Any]] = []  # (object, name, original, hook)
 
     @property
@@ -593,6 +594,22 @@ class Hooks:
         setattr(obj, name, hook)
         self.installed.append((obj, name, cur, hook))
         return cur
+
+    def job_labeled(self, label: Any) -> None:
+        """The job set the engine's weight-version label itself (``Versions.job_label``)."""
+        if self.live:
+            try:
+                self.recorder.versions.job_label(self.key, label)
+            except Exception as e:
+                self.recorder.count_error(f"job label: {type(e).__name__}: {e}")
+
+    def weight_call_done(self, plan: Any, *, ok: bool, error: str | None = None, checksums: Any = None,
+                         notes: Sequence[str] = ()) -> None:
+        """A weight call the recorder planned labels for returned or raised (``Versions.after``)."""
+        try:
+            self.recorder.versions.after(plan, ok=ok, error=error, checksums=checksums, notes=notes)
+        except Exception as e:
+            self.recorder.count_error(f"observe {plan.change.method}: {type(e).__name__}: {e}")
 
     def remove(self) -> None:
         for obj, name, orig, hook in reversed(self.installed):
