@@ -22,6 +22,7 @@ from typing import Any
 from .causes import ABSENT, INCONCLUSIVE, PRESENT, Cause, Evidence, Verdict, all_causes
 from .causes.context import (
     ATTR_PREFIX,
+    MISMATCHED_REQUESTS,
     AttributionError,
     Calibration,
     Context,
@@ -146,9 +147,13 @@ def build_ladder(ctx: Context, causes: list[Cause], evidence: dict[str, list[Evi
     gf_rec, gf_other = gap(full, rec_mode), gap(full, other_mode)
     if gf_rec is not None and gf_other is not None and gf_rec - gf_other > ctx.cal.tol:
         trainer_mode = other_mode
-    best = gap(full, trainer_mode)
-    if best is not None:
-        ctx.cal.floor, ctx.cal.floor_replay = best, names.get(full)
+    # The floor: what no fix removes, on tokens the trainer scored under the version that sampled
+    # them (a version mismatch is weight_sync's gap, not the floor).
+    if names.get(full):
+        where = f"{ctx.common_where or 'true'} AND request_id NOT IN ({MISMATCHED_REQUESTS})"
+        best = ctx.gap(ctx.source(names[full], trainer_mode), where=where)  # type: ignore[arg-type]
+        if best is not None:
+            ctx.cal.floor, ctx.cal.floor_replay = best, names.get(full)
 
     g0 = ctx.gap("recorded")
     rungs: list[Rung] = []

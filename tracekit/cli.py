@@ -407,10 +407,12 @@ def metrics_cmd(trace: Path, a: str, b: str, by: str, style: str, fmt: str) -> N
 def _fail_on_choice(value: str | None) -> str | None:
     from .causes import cause_ids
 
-    if value is not None and value != "any" and value not in cause_ids() and value != "version" \
-            and not value.replace("_", "").replace(".", "").isalnum():
-        raise click.BadParameter(f"{value!r} is not 'any', 'version', a changed setting or a cause: "
-                                 f"{', '.join(cause_ids())}")
+    from .compare.engines import FIELDS
+
+    settings = value is not None and (value in FIELDS or value.split(".", 1)[0] in FIELDS)
+    if value is not None and value not in ("any", "version") and value not in cause_ids() and not settings:
+        raise click.BadParameter(f"{value!r} is not 'any', 'version', an engine setting ({', '.join(FIELDS)}) "
+                                 f"or a cause: {', '.join(cause_ids())}")
     return value
 
 

@@ -37,6 +37,12 @@ class AttributionError(TracekitError):
 # Requests whose tokens all came from one weight version.
 SINGLE_VERSION = "weight_version_start IS NOT DISTINCT FROM weight_version_end"
 
+# Requests with a token the trainer scored under another policy version than the one that sampled it.
+MISMATCHED_REQUESTS = """
+SELECT DISTINCT t.request_id FROM tokens AS t JOIN trainer AS tr ON t.request_id = tr.request_id AND t.pos = tr.pos
+WHERE t.weight_version IS NOT NULL AND tr.policy_version IS NOT NULL AND t.weight_version <> tr.policy_version
+"""
+
 
 @dataclass(frozen=True)
 class Thresholds:

@@ -40,11 +40,14 @@ TRAINER_VERSION_SQL = """
 SELECT count(*) AS tokens,
        count(*) FILTER (WHERE t.weight_version <> tr.policy_version) AS mismatched,
        count(DISTINCT t.request_id) FILTER (WHERE t.weight_version <> tr.policy_version) AS requests,
+       count(*) FILTER (WHERE t.weight_version <> tr.policy_version AND r.weight_version_start
+                        IS DISTINCT FROM r.weight_version_end) AS mismatched_in_mixed_requests,
        avg(abs(t.logprob - tr.logprob)) FILTER (WHERE t.weight_version <> tr.policy_version
                                                AND isfinite(t.logprob - tr.logprob)) AS gap_mismatched,
        avg(abs(t.logprob - tr.logprob)) FILTER (WHERE t.weight_version = tr.policy_version
                                                AND isfinite(t.logprob - tr.logprob)) AS gap_matched
 FROM tokens AS t JOIN trainer AS tr ON t.request_id = tr.request_id AND t.pos = tr.pos
+JOIN requests AS r ON r.request_id = t.request_id
 WHERE t.weight_version IS NOT NULL AND tr.policy_version IS NOT NULL
 """
 
@@ -187,10 +190,16 @@ class WeightSync(Cause):
     def fix_for(self, ctx: Context, evidence: list[Evidence]) -> str:
         """The fix for what the evidence shows (all of it when nothing specific did)."""
         fixes = []
-        if any(e.signal for e in evidence if "trainer_version_mismatch" in e.numbers):
+        tv = next((e.numbers["trainer_version_mismatch"] for e in evidence
+                   if e.signal and "trainer_version_mismatch" in e.numbers), None)
+        if tv and tv.get("mismatched_in_mixed_requests"):
             fixes.append("Score every token under the weights that sampled it (tokens.weight_version, vLLM's "
                          "CompletionOutput.weight_versions spans), or update between requests: AsyncLLM "
                          "pause_generation → reload → update_weight_version(v) → resume_generation.")
+        if tv and tv["mismatched"] > (tv.get("mismatched_in_mixed_requests") or 0):
+            fixes.append("The engine never held the version the trainer scores with (a skipped or failed push): "
+                         "reload the NEW checkpoint (llm.collective_rpc('reload_weights', kwargs={'weights_path': "
+                         "NEW_DIR})) before sampling the next step, and check the engine checksum changed.")
         if any(e.signal for e in evidence if "stale_kv" in e.numbers):
             fixes.append("Call llm.reset_prefix_cache() after every weight update (AsyncLLM: "
                          "reset_prefix_cache(reset_running_requests=True)), or enable_prefix_caching=False.")
