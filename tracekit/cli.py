@@ -406,7 +406,6 @@ def metrics_cmd(trace: Path, a: str, b: str, by: str, style: str, fmt: str) -> N
 
 def _fail_on_choice(value: str | None) -> str | None:
     from .causes import cause_ids
-
     from .compare.engines import FIELDS
 
     settings = value is not None and (value in FIELDS or value.split(".", 1)[0] in FIELDS)

@@ -203,7 +203,43 @@ def _attribution_html(attr: dict[str, Any] | None, note: str | None, waterfall: 
         + _table(["setting", "recorded", "replay", "cause it can produce"],
                  [[c.get("knob"), c.get("recorded"), c.get("replay"), c.get("cause") or "-"] for c in rows_])
         for name, rows_ in (attr.get("engine_changes") or {}).items())
-    return verdict, table + fig + extra + notes + changes
+    return verdict, table + fig + extra + notes + _calibration_html(attr) + _migration_html(attr) + changes
+
+
+def _calibration_html(attr: dict[str, Any]) -> str:
+    cal = attr.get("calibration") or {}
+    if not cal:
+        return ""
+    noise = "not measured" if cal.get("noise") is None else f"{_fmt(cal.get('noise'))} mean |Δ| on {cal.get('noise_tokens')} tokens"
+    return (f'<p class="note">Tolerances from the trace: replay noise {html.escape(noise)} → tolerance '
+            f'{_fmt(cal.get("tol"))}; floor {_fmt(cal.get("floor_used"))}; material gap {_fmt(cal.get("material_gap"))}.</p>')
+
+
+def _migration_html(attr: dict[str, Any]) -> str:
+    """The migration table: each changed setting restored on the new engine, and the version."""
+    mig = attr.get("migration")
+    if not mig:
+        return ""
+    gap = mig.get("gap") or {}
+    rows = [[s.get("knob"), s.get("recorded"), s.get("new"), s.get("cause") or "-",
+             (s.get("alone") or {}).get("mean_abs_delta"), s.get("share_alone"), s.get("share_cumulative"),
+             ("moves the gate; " if s.get("moves_gate") else "") + (s.get("note") or "")]
+            for s in mig.get("settings") or []]
+    rows.append(["the version itself", mig.get("recorded_version"), mig.get("new_version"), "-",
+                 (mig.get("remaining") or {}).get("mean_abs_delta"), "-", mig.get("remaining_share"),
+                 "left with every setting restored"])
+    gate = mig.get("gate")
+    gate_line = "" if not gate else (
+        f'<p>Gate {html.escape(str(gate[0]))} ≤ {_fmt(gate[1])}: '
+        + ('<span class="present">exceeded</span>, blame: ' + html.escape(", ".join(mig.get("flagged") or []))
+           if mig.get("gate_exceeded") else '<span class="absent">holds</span>') + "</p>")
+    return (f"<h3>Migration: vLLM {html.escape(str(mig.get('recorded_version')))} → "
+            f"{html.escape(str(mig.get('new_version')))} (replay:{html.escape(str(mig.get('replay')))}, "
+            f"{html.escape(str(mig.get('kind')))} logprobs)</h3>"
+            f"<p>recorded vs new engine: mean |Δ| {_fmt(gap.get('mean_abs_delta'))}, clip rate {_fmt(gap.get('clip_rate'))}, "
+            f"k3 {_fmt(gap.get('k3'))}</p>"
+            + _table(["setting", "recorded", "new", "cause", "gap alone", "share alone", "cumulative share", "note"], rows)
+            + gate_line)
 
 
 def _atomic_write(p: Path, data: bytes) -> None:
