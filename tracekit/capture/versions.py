@@ -329,6 +329,7 @@ class Versions:
                 self._fallback(e.open, "superseded by rec.update_weights")
             self.stated = True
             e.open = None
+            e.baselined = True  # the recorder's own row has this version's checksum
             e.current = int(version)
             e.seq_change = next(self.seq)
 
@@ -366,6 +367,7 @@ class Versions:
             ok=ch.ok, error="; ".join([f"version {ch.how}", f"engine tagged with {who}", *ch.notes]),
             snapshot=snapshot or ch.snapshot,
         )
+        ch.checksums = None  # written; a long job keeps one small Change per weight change
 
     def close(self) -> None:
         with self.lock:
