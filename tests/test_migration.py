@@ -66,3 +66,19 @@ def test_cli_gates_an_upgrade(recorded: Path, old_python: str) -> None:
     assert ok.exit_code == 0, ok.output  # replays reused; a clean trace, a gate that holds
     bad = CliRunner().invoke(cli, [*args, "--gate", "nonsense=1"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_works_without_trainer_logprobs(recorded: Path, old_python: str, tmp_path: Path) -> None:
+    """The recording is the reference: a trace whose trainer never logged gets the same audit."""
+    import shutil
+
+    from tracekit.attribute import attribute
+
+    bare = tmp_path / "bare"
+    shutil.copytree(recorded, bare, ignore=shutil.ignore_patterns("replays"))
+    shutil.rmtree(bare / "trainer")
+    res = attribute(bare, python=old_python, migration=True, engine_args={"logprobs_mode": "raw_logprobs"},
+                    gate=("mean_abs_delta", 0.05))
+    assert res.gap is None and res.migration is not None
+    (mode,) = [s for s in res.migration.settings if s.knob == "logprobs_mode"]
+    assert mode.share_alone > 0.5 and res.migration.gate_exceeded and "logprobs_mode" in res.migration.flagged()
