@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strategies: list[str],
          out: Path) -> dict[str, Any]:
+    from tracekit.compare import views
     from tracekit.store.reader import Trace
 
     full = out / "trace"
@@ -372,7 +373,7 @@ def _run(a: argparse.Namespace, total: int, sizes: list[int], nbase: int, strate
             con = connect(a.memory_limit, a.threads, out / "duckdb-tmp")
             try:
                 if strat == "shipped":
-                    tcon = Trace(root).connect(check_parts=False, read_only=False)
+                    tcon = views.connect(Trace(root), check_parts=False, read_only=False)
                     tcon.execute(f"SET threads={a.threads}")
                     tcon.execute(f"SET memory_limit='{a.memory_limit}'")
                     tcon.execute(f"SET temp_directory='{out / 'duckdb-tmp'}'")

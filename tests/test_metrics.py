@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tracekit.compare import metrics
+from tracekit.compare import metrics, views
 from tracekit.errors import QueryError
 from tracekit.store import Trace, TraceWriter
 
@@ -194,7 +194,7 @@ def test_replay_sources_raw_and_processed(hand_trace: Trace) -> None:
 
 
 def test_sql_macros_agree_with_python_api(hand_trace: Trace) -> None:
-    con = hand_trace.connect(read_only=True)
+    con = views.connect(hand_trace)
     cols, rows = metrics.diff(hand_trace, "recorded", "trainer", by="step", eps=0.3)
     cur = con.execute("SELECT * FROM diff_by_step('recorded', 'trainer', eps := 0.3)")
     assert [d[0] for d in cur.description] == cols
@@ -240,7 +240,6 @@ def test_recorded_copy_reads_one_replay_and_equals_the_hash_join(tmp_path: Path)
     """recorded vs a replay that copied the recorded values: no join, same numbers as the hash
     join for every grouping key and both orders; a copy made in another trace (counterfactual
     scratch) or without the flag is never trusted; the SQL macros prune to the same path."""
-    from tracekit.compare import views
 
     reqs = [{"request_id": i, "step": i % 2, "group_id": f"g{i % 3}", "sample_idx": 0, "temperature": 1.0} for i in range(1, 6)]
     recorded = {1: [-1.0, -2.0, -0.5], 2: [-0.3, NEG_INF], 3: [-0.1, -4.0, -1.2, -0.7], 5: [-2.5]}
@@ -255,7 +254,7 @@ def test_recorded_copy_reads_one_replay_and_equals_the_hash_join(tmp_path: Path)
     copied = views.copied_pairs_sql(t)
     assert set(copied) == {("recorded", "replay:c"), ("replay:c", "recorded"),
                            ("recorded", "replay:c:processed"), ("replay:c:processed", "recorded")}
-    con = t.connect(read_only=True)
+    con = views.connect(t)
     for suffix in ("", ":processed"):
         for a, b in (("recorded", f"replay:c{suffix}"), (f"replay:c{suffix}", "recorded")):
             a_h, b_h = (x.replace("replay:c", "replay:h") for x in (a, b))

@@ -94,8 +94,10 @@ def assert_recorded_copy(root: Path, name: str) -> None:
         fast = views.pairs_sql(t, a, b)
         assert " JOIN " not in fast and "recorded_logprob" in fast
         for by in ("step", "weight_version"):
-            got = t.query(views.diff_by_sql(fast, by))
-            want = t.query(views.diff_by_sql(views.join_pairs_sql(src[a], src[b]), by))
+            con = views.connect(t)
+            got = con.execute(views.diff_by_sql(fast, by)).fetchall()
+            want = con.execute(views.diff_by_sql(views.join_pairs_sql(src[a], src[b]), by)).fetchall()
+            con.close()
             assert [r[:3] for r in got] == [r[:3] for r in want]  # keys, requests, tokens
             for g, w in zip(got, want):
                 assert g[3:] == pytest.approx(w[3:], nan_ok=True)

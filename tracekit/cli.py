@@ -206,8 +206,10 @@ def sql(trace: Path, query: str | None, name: str | None, list_: bool, show: boo
             click.echo(q.sql)
             return
         query = q.sql
+    from .compare.views import connect
+
     t = Trace(trace)
-    con = t.connect(read_only=True)
+    con = connect(t)
     if query is None and not sys.stdin.isatty():
         query = sys.stdin.read()
     if query is None:
@@ -325,9 +327,10 @@ def weights_export(trace: Path, version: int, out_dir: Path, like: Path | None) 
 
 
 def _q(t: Any, sql_text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    from .compare.views import connect
     from .store.sql import run_query
 
-    return run_query(t.connect(read_only=True), sql_text)
+    return run_query(connect(t), sql_text)
 
 
 # ---------------------------------------------------------------------- diff / attribute

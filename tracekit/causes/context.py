@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 
+from ..compare import views
 from ..compare.metrics import Metrics, overall
 from ..errors import TracekitError
 from ..store.reader import Trace
@@ -275,7 +276,7 @@ class Context:
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
-            self._con = self.trace.connect(read_only=False, check_parts=False)
+            self._con = views.connect(self.trace, read_only=False, check_parts=False)
         return self._con
 
     def refresh(self) -> None:

@@ -104,7 +104,7 @@ def run(
     """(column names, rows) of ``sql`` on ``con`` (default: a read-only connection to ``t``, closed
     after); a DuckDB error becomes a one-line QueryError."""
     own = con is None
-    con = con or t.connect(read_only=True)
+    con = con or views.connect(t)
     try:
         cur = con.execute(sql)
         return [d[0] for d in cur.description], cur.fetchall()
@@ -130,7 +130,7 @@ def overall(
     if where:
         sql = sql.replace("FROM request_info AS r\n", f"FROM (SELECT * FROM request_info WHERE {where}) AS r\n", 1)
     own = con is None
-    con = con or t.connect(read_only=True)
+    con = con or views.connect(t)
     try:
         cur = con.execute(sql)
         cols = [d[0] for d in cur.description]

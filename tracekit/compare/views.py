@@ -297,6 +297,11 @@ def _eps(eps: float | str) -> str:
     return repr(e)
 
 
+def connect(trace: Trace, *, read_only: bool = True, check_parts: bool = True) -> duckdb.DuckDBPyConnection:
+    """``trace.connect`` plus the comparison views and macros: the connection to compare on."""
+    return trace.connect(read_only=read_only, check_parts=check_parts, install=install)
+
+
 def install(con: duckdb.DuckDBPyConnection, trace: Trace) -> None:
     """Create the comparison views and macros on ``con`` (a connection from ``Trace.connect``)."""
     sources = source_sql(trace)

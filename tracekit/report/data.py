@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..compare import views
 from ..store.reader import Trace
 
 # Where the demo job (tracekit.demo.job) writes its own per-step curves inside the trace.
@@ -49,7 +50,7 @@ def _lit(s: str) -> str:
 def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> ReportData:
     """Read everything the report needs from ``trace`` through the compare views."""
     t = Trace(trace)
-    con = t.connect(read_only=True)
+    con = views.connect(t)
     try:
         sources = [r[0] for r in con.execute(
             "SELECT source FROM token_sources WHERE logprob IS NOT NULL GROUP BY source "

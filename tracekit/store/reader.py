@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +78,14 @@ class Trace:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     # ------------------------------------------------------------------ DuckDB
-    def connect(self, *, read_only: bool = True, check_parts: bool = True) -> duckdb.DuckDBPyConnection:
+    def connect(self, *, read_only: bool = True, check_parts: bool = True,
+                install: Callable[[duckdb.DuckDBPyConnection, Trace], None] | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with one view per table.
 
         ``read_only`` locks the connection down for untrusted SQL (see :mod:`tracekit.store.sql`).
         ``check_parts`` reads every part's footer first so a corrupt file is named up front.
+        ``install`` adds a layer's own views before the lock-down (``tracekit.compare.views.connect``
+        passes the comparison views: the store does not know them).
         """
         if check_parts:
             self.check_parts()
@@ -92,9 +95,8 @@ class Trace:
             for t in tables().values():
                 con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t)}")
             self._create_replays_view(con)
-            from ..compare import views as compare_views  # late import: compare builds on the store
-
-            compare_views.install(con, self)
+            if install is not None:
+                install(con, self)
         except duckdb.Error as e:
             con.close()
             raise TraceFormatError(f"{self.root}: cannot read the trace's tables ({one_line(e)}); "
