@@ -563,6 +563,41 @@ def report_cmd(trace: Path, out_dir: Path, attribution: Path | None, no_attribut
         click.echo(f"{name}: {p}")
 
 
+# ---------------------------------------------------------------------- import
+@cli.group("import")
+def import_group() -> None:
+    """Import rollout dumps another RL stack wrote (runs recorded before tracekit) into a trace."""
+
+
+def _import_command(stack: str, src_help: str) -> None:
+    @import_group.command(stack, help=f"Import {src_help} into a new trace at --out (docs/import.md).")
+    @click.argument("src", type=click.Path(path_type=Path))
+    @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+                  help="Trace directory to create (must not exist; written atomically).")
+    @click.option("--model", type=click.Path(exists=True, file_okay=False),
+                  help="Model directory: its tokenizer tokenizes text-only sources, its generation_config "
+                       "resolves sampling defaults, and replay uses it.")
+    @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="The run's config file (YAML or JSON) when it is not found beside SRC.")
+    def cmd(src: Path, out: Path, model: str | None, config: Path | None) -> None:
+        from .importers import import_run
+
+        r = import_run(stack, src, out, model=model, config=config)
+        click.echo(f"imported {r.source_format} ({len(r.files)} file(s)): {r.requests:,} requests, "
+                   f"{r.tokens:,} tokens in {r.seconds:.1f} s → {r.path}")
+        nulls = [k for k in r.null_fields if k.startswith(("requests.", "tokens.")) or "." not in k]
+        click.echo(f"null (reasons in trace.json 'import'): {', '.join(nulls)}")
+        for n in r.notes:
+            click.echo(f"note: {n}")
+
+
+for _stack, _help in (("pipelinerl", "a PipelineRL run (experiment dir, streams/ dir or one actor .jsonl stream)"),
+                      ("slime", "slime --save-debug-rollout-data files (one .pt file or a directory of them)"),
+                      ("trl", "TRL GRPOTrainer completions (output_dir, its completions/ dir or one .parquet)"),
+                      ("verl", "verl rollout_data_dir / validation_data_dir dumps (a directory or one .jsonl)")):
+    _import_command(_stack, _help)
+
+
 # ---------------------------------------------------------------------- demo
 @cli.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,

@@ -27,3 +27,8 @@ class QueryError(TracekitError):
 
 class EngineError(TracekitError):
     """The engine refused a configuration (e.g. an --engine-arg vLLM rejects)."""
+
+
+class SourceError(TracekitError):
+    """An import source (another stack's rollout dump) is corrupt, truncated, inconsistent, not the
+    format it claims, or needs code execution to read (a pickle that is not plain tensors)."""
