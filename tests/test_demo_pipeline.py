@@ -49,4 +49,4 @@ def test_demo_names_the_planted_cause_and_writes_the_report(tmp_path: Path, old_
     assert mig["recorded_version"] != mig["new_version"]
     (mode,) = [s for s in mig["settings"] if s["knob"] == "logprobs_mode"]
     assert mode["recorded"] == "raw_logprobs" and mode["new"] == "processed_logprobs" and mode["share_alone"] > 0.5
-    assert "the version itself" in res.stdout and "Migration: vLLM" in html
+    assert "what each changed setting does" in res.stdout and "Migration: vLLM" in html

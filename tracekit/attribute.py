@@ -301,7 +301,7 @@ def attribute(
             diff = engine_changes(ctx.con, name, knob_causes)
             if diff:
                 changes[name] = diff
-            if name in ctx.replays_used:
+            if name in ctx.replays_used or (mig is not None and name == mig.replay):
                 continue
             m = ctx.metrics(f"replay:{name}", "recorded")
             if m.tokens:

@@ -41,15 +41,18 @@ class SettingEffect:
     restore: dict[str, Any]  # {"engine_args": {...}, "hf_overrides": {...}} or {"kind": "raw"|"processed"}
     alone: Metrics | None = None  # recorded vs new engine with only this setting restored
     cumulative: Metrics | None = None  # ... with this and every earlier one restored
+    without: Metrics | None = None  # ... with every setting restored but this one
     share_alone: float | None = None
     share_cumulative: float | None = None
-    moves_gate: bool = False  # restoring it alone brings the gated metric under the gate
+    share_needed: float | None = None  # (without − all restored) / gap
+    moves_gate: bool = False  # it moves the recorded-vs-new gap beyond the tolerance, alone or last
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["alone"] = self.alone.as_dict() if self.alone else None
         d["cumulative"] = self.cumulative.as_dict() if self.cumulative else None
+        d["without"] = self.without.as_dict() if self.without else None
         return d
 
 
@@ -76,7 +79,9 @@ class Migration:
         return v is not None and v > self.gate[1]
 
     def flagged(self) -> list[str]:
-        """Settings (and 'version') to blame when the gate is exceeded."""
+        """Settings (and 'version') to blame when the gate is exceeded: those that move the gap
+        beyond the tolerance alone or as the one left out, and the version when what is left
+        with every setting restored still exceeds the gate."""
         if not self.gate_exceeded:
             return []
         out = [s.knob for s in self.settings if s.moves_gate]
@@ -188,17 +193,30 @@ def _migrate(ctx: Context, new_cfg: ReplayConfig, gate: tuple[str, float] | None
     grouped = _grouped(changes)
     settable = [(c, r) for c, r in grouped if r is not None]
     context = [c for c, r in grouped if r is None]
-    # Every replay first, so all comparisons use the same requests.
+    # Every replay first, so all comparisons use the same requests: each setting alone, the
+    # cumulative chain, and every setting but one (the kind costs no replay).
+    def ab(r: dict[str, Any]) -> Ablation:
+        return Ablation(engine_args=r.get("engine_args", {}), hf_overrides=r.get("hf_overrides", {}))
+
+    def restored(skip: str | None) -> ReplayConfig:
+        cfg = new_cfg
+        for c, r in settable:
+            if "kind" not in r and c.knob != skip:
+                cfg = cfg.plus(ab(r))
+        return cfg
+
     cfgs: dict[str, ReplayConfig] = {}
     cum = new_cfg
     for c, r in settable:
+        cfgs[f"but:{c.knob}"] = restored(c.knob)
         if "kind" in r:
             continue
-        ab = Ablation(engine_args=r.get("engine_args", {}), hf_overrides=r.get("hf_overrides", {}))
-        cfgs[f"alone:{c.knob}"] = new_cfg.plus(ab)
-        cum = cum.plus(ab)
+        cfgs[f"alone:{c.knob}"] = new_cfg.plus(ab(r))
+        cum = cum.plus(ab(r))
         cfgs[f"cum:{c.knob}"] = cum
     names = {k: ctx.replay_for(cfg) for k, cfg in cfgs.items()}
+    all_name = ctx.replay_for(restored(None))
+    rec_all_kind = next((r["kind"] for _c, r in settable if "kind" in r), kind)
     used = [new] + [n for n in names.values() if n]
     ids = ", ".join("'" + n.replace("'", "''") + "'" for n in dict.fromkeys(used))
     ctx.common_where = (f"request_id IN (SELECT request_id FROM replay_requests WHERE replay IN ({ids}) AND "
@@ -225,13 +243,16 @@ def _migrate(ctx: Context, new_cfg: ReplayConfig, gate: tuple[str, float] | None
                 s.note = "replay could not run"
             s.alone, s.cumulative = m(a, kind), m(cu, cur_kind)
             cur_name = cu or cur_name
+        s.without = m(names.get(f"but:{c.knob}"), kind if "kind" in r else rec_all_kind)
+        all_restored = m(all_name, rec_all_kind)
         if g0:
             s.share_alone = _share(g0, s.alone)
             s.share_cumulative = _share(g0, s.cumulative)
-        if gate and s.alone is not None:
-            v = getattr(s.alone, gate[0])
-            closes = ctx.closes(None if s.alone.mean_abs_delta is None or g0 is None else g0 - s.alone.mean_abs_delta, g0)
-            s.moves_gate = bool(closes and v is not None and v <= gate[1])
+            if s.without is not None and all_restored is not None and s.without.mean_abs_delta is not None \
+                    and all_restored.mean_abs_delta is not None:
+                s.share_needed = (s.without.mean_abs_delta - all_restored.mean_abs_delta) / g0
+        s.moves_gate = bool(g0) and (ctx.closes((s.share_alone or 0) * g0, g0)  # type: ignore[operator]
+                                     or ctx.closes((s.share_needed or 0) * g0, g0))  # type: ignore[operator]
         settings.append(s)
     remaining = m(cur_name, cur_kind) if settings else gap
     rem_share = (remaining.mean_abs_delta / g0) if remaining and g0 and remaining.mean_abs_delta is not None else None
@@ -270,15 +291,16 @@ def render(mig: Migration, console: Any) -> None:
                   f"{_pct(g.clip_rate if g else None)}, k3 {_f(g.k3 if g else None)} "
                   f"(tolerance {mig.tolerance:.3g})")
     t = Table(title="what each changed setting does (set back to the recorded value on the new engine)")
-    for c in ("setting", "recorded", "new", "cause", "gap alone", "share alone", "cumulative share", "note"):
+    for c in ("setting", "recorded", "new", "cause", "gap alone", "share alone", "share needed", "cumulative",
+              "note"):
         t.add_column(c, overflow="fold")
     for s in mig.settings:
         t.add_row(escape(s.knob), escape(_v(s.recorded)), escape(_v(s.new)), s.cause or "-",
-                  _f(s.alone.mean_abs_delta if s.alone else None), _pct(s.share_alone), _pct(s.share_cumulative),
-                  ("[bold red]moves the gate[/] " if s.moves_gate else "") + s.note)
+                  _f(s.alone.mean_abs_delta if s.alone else None), _pct(s.share_alone), _pct(s.share_needed),
+                  _pct(s.share_cumulative), ("[bold]moves the gap[/] " if s.moves_gate else "") + s.note)
     t.add_row("[bold]the version itself[/bold]", escape(str(mig.recorded_version)), escape(str(mig.new_version)), "-",
-              _f(mig.remaining.mean_abs_delta if mig.remaining else None), "-", _pct(mig.remaining_share),
-              "what is left with every setting restored")
+              _f(mig.remaining.mean_abs_delta if mig.remaining else None), "-", "-", _pct(mig.remaining_share),
+              "left with every setting restored")
     console.print(t)
     if mig.gate:
         state = "[bold red]exceeded[/]" if mig.gate_exceeded else "[green]holds[/]"

@@ -222,11 +222,11 @@ def _migration_html(attr: dict[str, Any]) -> str:
         return ""
     gap = mig.get("gap") or {}
     rows = [[s.get("knob"), s.get("recorded"), s.get("new"), s.get("cause") or "-",
-             (s.get("alone") or {}).get("mean_abs_delta"), s.get("share_alone"), s.get("share_cumulative"),
-             ("moves the gate; " if s.get("moves_gate") else "") + (s.get("note") or "")]
+             (s.get("alone") or {}).get("mean_abs_delta"), s.get("share_alone"), s.get("share_needed"),
+             s.get("share_cumulative"), ("moves the gap; " if s.get("moves_gate") else "") + (s.get("note") or "")]
             for s in mig.get("settings") or []]
     rows.append(["the version itself", mig.get("recorded_version"), mig.get("new_version"), "-",
-                 (mig.get("remaining") or {}).get("mean_abs_delta"), "-", mig.get("remaining_share"),
+                 (mig.get("remaining") or {}).get("mean_abs_delta"), "-", "-", mig.get("remaining_share"),
                  "left with every setting restored"])
     gate = mig.get("gate")
     gate_line = "" if not gate else (
@@ -238,7 +238,8 @@ def _migration_html(attr: dict[str, Any]) -> str:
             f"{html.escape(str(mig.get('kind')))} logprobs)</h3>"
             f"<p>recorded vs new engine: mean |Δ| {_fmt(gap.get('mean_abs_delta'))}, clip rate {_fmt(gap.get('clip_rate'))}, "
             f"k3 {_fmt(gap.get('k3'))}</p>"
-            + _table(["setting", "recorded", "new", "cause", "gap alone", "share alone", "cumulative share", "note"], rows)
+            + _table(["setting", "recorded", "new", "cause", "gap alone", "share alone", "share needed",
+                      "cumulative share", "note"], rows)
             + gate_line)
 
 
