@@ -173,7 +173,7 @@ class RecordingProxy:
                         step=None, t_start=_now(), method=f"http:{path.rsplit('/', 1)[-1]}", checksums=None,
                         ok=True, error=None, snapshot=False)
         except Exception as e:
-            self.recorder._count_error(f"proxy version: {e}")
+            self.recorder.count_error(f"proxy version: {e}")
 
     async def _handle(self, request: Any, kind: str) -> Any:
         from aiohttp import web
@@ -236,7 +236,7 @@ class RecordingProxy:
                 self._take(plan, ch, state["choices"].setdefault(ch.get("index", 0), _Choice()))
             self._emit(plan, state, t0, v0)
         except Exception as e:
-            self.recorder._count_error(f"proxy record: {type(e).__name__}: {e}")
+            self.recorder.count_error(f"proxy record: {type(e).__name__}: {e}")
         if not plan.changed:
             return payload
         _strip(plan, obj)
@@ -283,7 +283,7 @@ class RecordingProxy:
             for ch in obj.get("choices") or []:
                 self._take(plan, ch, state["choices"].setdefault(ch.get("index", 0), _Choice()))
         except Exception as e:
-            self.recorder._count_error(f"proxy stream: {type(e).__name__}: {e}")
+            self.recorder.count_error(f"proxy stream: {type(e).__name__}: {e}")
         if not plan.changed:
             return event
         _strip(plan, obj)
@@ -314,7 +314,7 @@ class RecordingProxy:
             rec = self.recorder
             if not plan.has_token_ids:
                 # echo without the client's return_token_ids: adding it would change the answer
-                rec._count_error("proxy: an echo=true completion was not recorded (ask for return_token_ids "
+                rec.count_error("proxy: an echo=true completion was not recorded (ask for return_token_ids "
                                  "and logprobs to record it: the proxy cannot add them without changing the answer)")
                 return
             v1 = self.version
@@ -348,7 +348,7 @@ class RecordingProxy:
                     extra={"endpoint": plan.kind, "stream": plan.stream},
                 )
         except Exception as e:
-            self.recorder._count_error(f"proxy emit: {type(e).__name__}: {e}")
+            self.recorder.count_error(f"proxy emit: {type(e).__name__}: {e}")
 
 
 def _tail(xs: list, n: int, fill: Any) -> list:
