@@ -1,7 +1,8 @@
 """Weight versions of the weight changes a job pushes itself (capture/versions.py), on real vLLM
 engines: an offline LLM the job reloads with collective_rpc and never labels (versions from its
 log_weights statements, a stale push, zero-code ordinals, the job's own labels), and an AsyncLLM
-reloaded mid-stream, every token checked against bitwise ground truth (vLLM 0.32 and 0.27.1)."""
+reloaded mid-stream, every token checked against a rescoring under each version (vLLM 0.32 and
+0.27.1)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ PROMPTS = ["the quick brown", "one two three", "a b c d", "add the numbers", "vl
 
 
 async def run(model, new, out):
-    # float32: a prefill-only rescoring reproduces the decode-time logprobs bitwise
+    # float32: a prefill-only rescoring reproduces the decode-time logprobs (bitwise on AVX-512)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", gpu_memory_utilization=0.3,
                                                        enforce_eager=True, seed=0, max_model_len=512))
     try:
@@ -255,20 +256,32 @@ def _run_async_job(python: str, ckpts: dict[int, Path], tmp_path: Path) -> tuple
 
 
 def _check_against_truth(res: dict, trace: Path) -> dict[str, Any]:
-    """Each token's truth: the version whose rescored logprob equals the recorded one bitwise
-    (float32 engine), or 'mixed' (computed with v1 on top of KV from v0: matches neither)."""
-    n = dict(tokens=0, wrong=0, unknown=0, mixed=0, mixed_tagged_v1=0, pure_v0=0, pure_v1=0)
-    per_request: dict[str, list] = {}
+    """Each token's truth: the version whose rescored logprob matches the recorded one within the
+    engine's own prefill-vs-decode noise (measured on the late requests, which ran entirely on v1;
+    0 on AVX-512 CPUs in float32: bitwise), or 'mixed' (computed by v1 on KV from v0: neither)."""
+    from engine_noise import Noise
+
+    recorded = {}
     for rid, (_prompt, out, tk) in res["seqs"].items():
         rows = _q(trace, "SELECT token_id, logprob, weight_version FROM tokens WHERE request_id = ? ORDER BY pos", [tk])
         assert [r[0] for r in rows] == out, rid
-        t0, t1 = res["truth"][rid]["0"], res["truth"][rid]["1"]
+        recorded[rid] = rows
+    d = [abs(r[1] - b) for rid, rows in recorded.items() if rid.startswith("late")
+         for r, b in zip(rows, res["truth"][rid]["1"])]
+    tol = Noise(sum(d) / len(d), max(d), len(d)).tol
+    n: dict[str, Any] = dict(tokens=0, wrong=0, unknown=0, mixed=0, mixed_tagged_v1=0, pure_v0=0, pure_v1=0,
+                             ambiguous=0, tol=tol)
+    per_request: dict[str, list] = {}
+    for rid, rows in recorded.items():
         tags = []
-        for (_, lp, tag), a, b in zip(rows, t0, t1):
-            truth = 0 if abs(lp - a) < 1e-6 else 1 if abs(lp - b) < 1e-6 else "mixed"
+        for (_, lp, tag), a, b in zip(rows, res["truth"][rid]["0"], res["truth"][rid]["1"]):
+            d0, d1 = abs(lp - a), abs(lp - b)
+            truth = 0 if d0 <= tol < d1 else 1 if d1 <= tol < d0 else "mixed" if min(d0, d1) > tol else None
             n["tokens"] += 1
             n["unknown"] += tag is None
-            if truth == "mixed":
+            if truth is None:  # both versions within the noise: cannot tell (must not happen here)
+                n["ambiguous"] += 1
+            elif truth == "mixed":
                 n["mixed"] += 1
                 n["mixed_tagged_v1"] += tag == 1
                 n["wrong"] += tag is not None and tag != 1  # v1 computed it, on v0's KV: never v0
@@ -281,13 +294,14 @@ def _check_against_truth(res: dict, trace: Path) -> dict[str, Any]:
     return n
 
 
-def test_async_mid_stream_reload_by_the_job_against_bitwise_truth(ckpts, tmp_path):
+def test_async_mid_stream_reload_by_the_job_against_rescored_truth(ckpts, tmp_path):
     """AsyncLLM on vLLM 0.32, the job reloads mid-stream with collective_rpc and states the version
     with log_weights: no token carries a wrong version and none is unknown."""
     res, trace = _run_async_job(sys.executable, ckpts, tmp_path)
     assert res["errors"] == []
     n = _check_against_truth(res, trace)
     print({k: v for k, v in n.items() if k != "per_request"})
+    assert n["ambiguous"] == 0  # v0 and v1 are told apart on every token
     assert n["wrong"] == 0 and n["unknown"] == 0
     assert n["pure_v0"] > 0 and n["pure_v1"] > 0 and n["mixed"] > 0  # the reload landed mid-stream
     assert n["mixed_tagged_v1"] == n["mixed"]
@@ -306,7 +320,7 @@ def test_async_mid_stream_reload_on_vllm_0_27_is_unknown_not_stale(old_python, c
     assert res["errors"] == []
     n = _check_against_truth(res, trace)
     print({k: v for k, v in n.items() if k != "per_request"})
-    assert n["wrong"] == 0 and n["mixed"] > 0
+    assert n["ambiguous"] == 0 and n["wrong"] == 0 and n["mixed"] > 0
     for rid, tags in n["per_request"].items():
         assert tags == ([1] * len(tags) if rid.startswith("late") else [None] * len(tags)), rid
     why = _q(trace, "SELECT DISTINCT extra->>'weight_version_unknown' FROM requests WHERE weight_version_start IS NULL")
