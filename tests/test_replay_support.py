@@ -115,3 +115,19 @@ def record_trace(
     for rid, lps in t.query("SELECT request_id, list(logprob ORDER BY pos) FROM tokens GROUP BY 1"):
         rows[rid]["logprobs"] = lps
     return rows
+
+
+def test_plan_skips_requests_whose_version_is_unknown(tmp_path) -> None:
+    """A token version the recorder could not know (null) is never replayed under a guess."""
+    from test_metrics import make_trace
+
+    from tracekit.replay.plan import build_plan
+
+    reqs = [{"request_id": i, "prompt_token_ids": [1, 2], "output_token_ids": [3, 4], "step": 0,
+             "weight_version_start": v, "weight_version_end": v} for i, v in ((1, 0), (2, None), (3, 0))]
+    t = make_trace(tmp_path / "t", reqs, {1: [-1.0, -1.0], 2: [-1.0, -1.0], 3: [-1.0, -1.0]},
+                   token_versions={1: 0, 3: 0})
+    plan = build_plan(t, "r")
+    planned = sorted(i for g in plan.groups for i in g.request_ids)
+    assert planned == [1, 3]
+    assert [(rid, why) for rid, _v, why in plan.skipped] == [(2, "weight version unknown (the recorder could not know it)")]

@@ -177,9 +177,17 @@ def build_plan(
     missing: Counter[int] = Counter()
     as_loaded: Counter[int] = Counter()
     n_mixed = 0
+    # A trace that knows versions and has none for a request: the recorder could not know it
+    # (docs/recording.md). Replaying it under any weights would compare against a guess.
+    versioned = bool(snaps) or any(r["version"] is not None for r in reqs)
+    unknown = 0
     for r in todo:
         label = None if r["version"] is None else int(r["version"])
         v = label
+        if v is None and versioned:
+            unknown += 1
+            skipped.append((int(r["request_id"]), None, "weight version unknown (the recorder could not know it)"))
+            continue
         if v is not None and v not in snaps:
             if v in synced:  # pushed by a weight sync but never snapshotted: cannot be rebuilt
                 missing[v] += 1
@@ -202,6 +210,8 @@ def build_plan(
         raise WeightsError(
             f"no weight snapshot in the trace for version(s) {vs}; pass --allow-missing-weights to skip them"
         )
+    if unknown:
+        notes.append(f"{unknown} request(s) have no known weight version and were skipped (not replayed under a guess)")
     if n_mixed:
         notes.append(f"{n_mixed} request(s) spanned a weight update; replayed under their first token's version")
     # The model as loaded first: after a reload the engine no longer holds the base weights.
