@@ -142,6 +142,74 @@ def write_slime_rollout(template: str, rollout_id: int, samples: list[dict[str, 
     return path
 
 
+_LAYOUT_FIELDS = ("micro_batch_indices", "num_microbatches", "global_batch_sizes")
+_WHOLE_BATCH_FIELDS = ("raw_reward",)
+
+
+def _is_per_sample(value: Any, num_samples: int) -> bool:
+    import torch
+
+    if torch.is_tensor(value):
+        return value.dim() >= 1 and value.size(0) == num_samples
+    if isinstance(value, (list, tuple)):
+        return len(value) == num_samples
+    return False
+
+
+def slime_train_payload(dp_shards: list[dict[str, Any]], *, rollout_id: int, writer_rank: int) -> dict[str, Any]:
+    """slime/observability/train_data_utils.py ``_build_dump_payload``, line for line: the gathered
+    per-rank ``rollout_data`` transposed into one dict per trained sample, sorted by its
+    position in the rollout dump (``partition``)."""
+    samples = []
+    layout = []
+    whole_batch: dict[str, Any] = {}
+    id_columns = {"sample_indices": "sample_index", "partition": "rollout_position"}
+    for shard in dp_shards:
+        rollout_data = shard["rollout_data"]
+        dp_rank = shard["data_parallel_rank"]
+        num_local = len(rollout_data["response_lengths"])
+        shard_layout = {"rank": shard["rank"], "data_parallel_rank": dp_rank}
+        for column in id_columns:
+            value = rollout_data.get(column)
+            shard_layout[column] = list(value) if value is not None else None
+        per_sample_columns = {}
+        for key, value in rollout_data.items():
+            if key in id_columns:
+                continue
+            if key in _WHOLE_BATCH_FIELDS:
+                whole_batch.setdefault(key, value)
+            elif key in _LAYOUT_FIELDS or not _is_per_sample(value, num_local):
+                shard_layout[key] = value
+            else:
+                per_sample_columns[key] = value
+        for i in range(num_local):
+            sample = {"data_parallel_rank": dp_rank}
+            for column, scalar_key in id_columns.items():
+                values = rollout_data.get(column)
+                if values is not None:
+                    sample[scalar_key] = values[i]
+            for key, column in per_sample_columns.items():
+                sample[key] = column[i]
+            samples.append(sample)
+        layout.append(shard_layout)
+    order_key = next((k for k in ("rollout_position", "sample_index")
+                      if samples and all(x.get(k) is not None for x in samples)), None)
+    if order_key is not None:
+        samples.sort(key=lambda x: x[order_key])
+    return {"format_version": 2, "rollout_id": rollout_id, "rank": writer_rank, "samples": samples,
+            "dp_shards": layout, **whole_batch}
+
+
+def write_slime_train(template: str, rollout_id: int, dp_shards: list[dict[str, Any]], rank: int = 0) -> Path:
+    """``save_debug_train_data``: the payload above, ``torch.save``d to the template."""
+    import torch
+
+    path = Path(template.format(rollout_id=rollout_id, rank=rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slime_train_payload(dp_shards, rollout_id=rollout_id, writer_rank=rank), path)
+    return path
+
+
 # ---------------------------------------------------------------------- TRL @f2cd577
 def write_trl_completions(output_dir: Path, global_step: int, prompts: list[str], completions: list[str],
                           rewards: dict[str, list[float | None]], advantages: list[float],

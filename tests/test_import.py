@@ -22,6 +22,7 @@ from import_fixtures import (
     write_pipelinerl_config,
     write_pipelinerl_stream,
     write_slime_rollout,
+    write_slime_train,
     write_trl_completions,
     write_verl_dump,
 )
@@ -307,6 +308,46 @@ def test_slime_fields_versions_loss_mask_and_reward_key(tmp_path: Path) -> None:
     assert m["source_format"] == "slime" and "624b824a8" in m["source_version"]
     assert len(m["files"]) == 4 and "engines.logprobs_mode" in m["null_fields"]
     assert "loss_mask 0" in m["null_fields"]["tokens.logprob"]
+
+
+def test_slime_dump_details_trainer_logprobs_become_the_trainer_table(tmp_path: Path) -> None:
+    """--dump-details D: rollout_data/ and train_data/ side by side; two DP shards, interleaved."""
+    import torch
+
+    from tracekit.compare import metrics
+
+    d = tmp_path / "details"
+    samples = _slime_samples(3)
+    write_slime_rollout(str(d / "rollout_data" / "{rollout_id}.pt"), 3, samples)
+    shards = []
+    for dp in (0, 1):
+        pos = [i for i in range(len(samples)) if i % 2 == dp]
+        rd = {
+            "tokens": [torch.tensor(samples[i]["tokens"]) for i in pos],
+            "response_lengths": [samples[i]["response_length"] for i in pos],
+            "total_lengths": [len(samples[i]["tokens"]) for i in pos],
+            "loss_masks": [torch.tensor(samples[i]["loss_mask"], dtype=torch.int) for i in pos],
+            "rollout_log_probs": [torch.tensor(samples[i]["rollout_log_probs"]) for i in pos],
+            "log_probs": [torch.tensor(samples[i]["rollout_log_probs"]) - 0.01 * (k + 1) for k, i in enumerate(pos)],
+            "advantages": [torch.zeros(samples[i]["response_length"]) for i in pos],
+            "sample_indices": [samples[i]["index"] for i in pos], "partition": pos,
+            "raw_reward": [0.0] * len(samples), "micro_batch_indices": [[0, 1]], "num_microbatches": [1],
+        }
+        shards.append({"rank": dp, "data_parallel_rank": dp, "rollout_data": rd})
+    write_slime_train(str(d / "train_data" / "{rollout_id}.pt"), 3, shards)
+    res = import_run("slime", d, tmp_path / "t")
+    assert "trainer" not in res.null_fields and len(res.files) == 2
+    rows = q(tmp_path / "t", "SELECT request_id, pos, logprob, policy_version, step FROM trainer ORDER BY 1, 2")
+    assert len(rows) == 4 * 4 + 3  # the multi-turn sample's two tool tokens are not trained on
+    by = {}
+    for rid, pos, lp, pv, step in rows:
+        by.setdefault(rid, []).append((pos, lp, pv, step))
+    # sample 1 sat on DP rank 1 (first there: -0.01), sample 4 on rank 0 (third there: -0.03)
+    assert [round(x[1], 4) for x in by[1]] == [-0.51, -0.26, -1.01, -2.01]
+    assert [x[0] for x in by[4]] == [0, 1, 4] and [x[2] for x in by[4]] == [4, 4, 5] and by[4][0][3] == 3
+    m = metrics.overall(Trace(tmp_path / "t"), "recorded", "trainer")
+    # recorded - trainer: samples 0, 1 by 0.01; 2, 3 by 0.02 (4 trained tokens each); 4 by 0.03 (3 tokens)
+    assert m.tokens == 19 and m.mean_delta == pytest.approx((8 * 0.01 + 8 * 0.02 + 3 * 0.03) / 19, abs=1e-5)
 
 
 def test_slime_pickles_are_refused_and_never_run(tmp_path: Path) -> None:

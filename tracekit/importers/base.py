@@ -69,26 +69,8 @@ class HashedFile:
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """(1-based line number, line without its newline). A last line without a newline is a
         write cut short: SourceError, so a truncated dump never imports as if it were whole."""
-        lineno = 0
-        rest = b""
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 - closed below, generator
-        except OSError as e:
-            raise SourceError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        with f:
-            while True:
-                chunk = f.read(_READ_BLOCK)
-                if not chunk:
-                    break
-                self._sha.update(chunk)
-                self.size += len(chunk)
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    lineno += 1
-                    yield lineno, line
-        if rest.strip():
-            raise SourceError(f"{self.path}: truncated: line {lineno + 1} has no end of line (the write was cut short)")
+        for first, block in self.blocks(_READ_BLOCK):
+            yield from enumerate(block.split(b"\n")[:-1], first)
 
     def blocks(self, size: int) -> Iterator[tuple[int, bytes]]:
         """(number of the block's first line, about ``size`` bytes of whole lines, each ending in
@@ -176,14 +158,6 @@ def _resolve_interpolations(cfg: dict[str, Any]) -> dict[str, Any]:
     """OmegaConf.save keeps ``${a.b}`` references unresolved: resolve the plain ones (a whole value
     that names another key); anything fancier stays as text."""
 
-    def lookup(path: str) -> Any:
-        cur: Any = cfg
-        for part in path.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                return None
-            cur = cur[part]
-        return cur
-
     def walk(v: Any, depth: int = 0) -> Any:
         if isinstance(v, dict):
             return {k: walk(x, depth) for k, x in v.items()}
@@ -195,7 +169,7 @@ def _resolve_interpolations(cfg: dict[str, Any]) -> dict[str, Any]:
             if ref.startswith("oc.select:"):  # ${oc.select:path,default}
                 ref, _, dflt = ref[len("oc.select:"):].partition(",")
                 default = _scalar(dflt) if dflt else None
-            target = lookup(ref.strip())
+            target = get_path(cfg, ref.strip())
             if target is None:
                 target = default
             return v if target is None else walk(target, depth + 1)
@@ -218,6 +192,36 @@ def get_path(d: Mapping[str, Any] | None, dotted: str, default: Any = None) -> A
             return default
         cur = cur[part]
     return cur
+
+
+@dataclass
+class Source:
+    """An import's inputs: the dump files, the directory paths are recorded against, the config."""
+
+    paths: list[Path]
+    root: Path
+    cfg: dict[str, Any]
+    files: list[HashedFile]  # hashed as they are read; the config first
+
+
+def open_source(src: str | os.PathLike[str], config: str | os.PathLike[str] | None,
+                find: Any) -> Source:
+    """``src`` as one file or a directory ``find(dir)`` lists the dump files of, plus ``config``."""
+    src = Path(src)
+    if src.is_file():
+        paths = [src]
+    elif src.is_dir():
+        paths = find(src)
+    else:
+        raise SourceError(f"{src}: no such file or directory")
+    root = src if src.is_dir() else src.parent
+    cfg, cfg_file = load_config(config, root)
+    return Source(paths, root, cfg, [cfg_file] if cfg_file else [])
+
+
+def null_all(sink: Any, columns: Any, why: str, table: str = "requests") -> None:
+    for c in columns:
+        sink.null(f"{table}.{c}", why)
 
 
 # ---------------------------------------------------------------------- sampling params

@@ -5,6 +5,9 @@ Read from THUDM/slime@624b824a8 (v0.3.1+38; docs/import.md has the field-by-fiel
   (slime/observability/rollout_data_utils.py ``save_debug_rollout_data``);
 - payload ``{"rollout_id": int, "samples": [Sample.to_dict()]}``: train samples flattened with
   each group contiguous (slime/ray/rollout.py ``RolloutManager.generate``);
+- with ``--dump-details D`` also ``D/train_data/{rollout_id}.pt`` (``--save-debug-train-data``):
+  the trainer's ``log_probs`` per sample, matched by ``rollout_position``
+  (slime/observability/train_data_utils.py ``_build_dump_payload``) -> the trainer table;
 - ``Sample.to_dict()`` = the dataclass ``__dict__`` with ``status`` as its string and
   ``spec_info`` / ``prefix_cache_info`` as dicts (slime/utils/types.py ``Sample``): ``tokens`` =
   prompt + response ids, ``response_length``, ``rollout_log_probs`` (one per response token, 0.0 on
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SourceError
-from .base import HashedFile, ImportResult, ImportSink, load_config
+from .base import HashedFile, ImportResult, ImportSink, null_all, open_source
 from .engine import engine_row, note_engine_nulls
 from .safe_torch import load_torch_file
 
@@ -36,10 +39,6 @@ _SAMPLING_ARGS = {"rollout_temperature": ("temperature", 1.0), "rollout_top_p": 
 
 
 def find_files(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise SourceError(f"{src}: no such file or directory")
     d = src / "rollout_data" if (src / "rollout_data").is_dir() else src  # --dump-details D
     files = sorted(d.glob("*.pt"), key=_file_order)
     if not files:
@@ -55,16 +54,14 @@ def _file_order(p: Path) -> tuple[int, int, str]:
 def import_slime(src: str | os.PathLike[str], out: str | os.PathLike[str], *, model: str | None = None,
                  config: str | os.PathLike[str] | None = None) -> ImportResult:
     """Import slime debug rollout files (one .pt, a directory of them, or a --dump-details dir)."""
-    src = Path(src)
-    paths = find_files(src)
-    root = src if src.is_dir() else src.parent
-    cfg, cfg_file = load_config(config, root)
-    cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
-    files: list[HashedFile] = [cfg_file] if cfg_file else []
+    source = open_source(src, config, find_files)
+    paths, root, files = source.paths, source.root, source.files
+    cfg = {k.replace("-", "_"): v for k, v in source.cfg.items()}
     with ImportSink(out, source_format="slime") as sink:
         eid, requested = _engine(sink, cfg, model)
         stats = {"versions": set(), "multi_call": 0, "dict_reward": 0, "masked": 0, "no_logprobs": 0,
-                 "keys": set()}
+                 "keys": set(), "trained": 0}
+        train_dir = _train_dir(Path(src))
         for path in paths:
             hf = HashedFile(path, root)
             files.append(hf)
@@ -75,9 +72,11 @@ def import_slime(src: str | os.PathLike[str], out: str | os.PathLike[str], *, mo
             if not isinstance(rid, int):
                 raise SourceError(f"{path}: rollout_id {rid!r} is not an integer")
             split = "eval" if path.stem.startswith("eval_") else "train"
+            trained = _train_logprobs(train_dir, rid, root, files) if split == "train" and train_dir else {}
+            stats["trained"] += len(trained)
             seen: dict[Any, int] = {}
             for j, s in enumerate(obj["samples"]):
-                _add(sink, s, f"{path}: sample {j}", rid, split, seen, eid, requested, cfg, stats)
+                _add(sink, s, f"{path}: sample {j}", rid, split, seen, eid, requested, cfg, stats, trained.get(j))
         _null_reasons(sink, cfg, stats)
         keys = stats["keys"]
         version = (f"Sample.to_dict() as written by {SOURCE}" +
@@ -86,6 +85,35 @@ def import_slime(src: str | os.PathLike[str], out: str | os.PathLike[str], *, mo
                    ("; prefix_cache_info (>= cbe2334, 2026-01)" if "prefix_cache_info" in keys else ""))
         return sink.commit(source_version=version, files=files, extra={
             "source": SOURCE, "weight_versions": sorted(stats["versions"])})
+
+
+def _train_dir(src: Path) -> Path | None:
+    """``--dump-details D`` writes D/rollout_data/{rollout_id}.pt and D/train_data/{rollout_id}.pt
+    (slime/utils/arguments.py): the train side sits beside the rollout side."""
+    d = src if src.is_dir() else src.parent
+    for cand in (d / "train_data", d.parent / "train_data"):
+        if cand.is_dir() and cand != d:
+            return cand
+    return None
+
+
+def _train_logprobs(train_dir: Path, rollout_id: int, root: Path, files: list[HashedFile]) -> dict[int, np.ndarray]:
+    """The trainer's own logprobs per rollout-dump position, from ``--save-debug-train-data``
+    (slime/observability/train_data_utils.py ``_build_dump_payload``: format_version 2, one
+    ``samples`` entry per trained sample with ``rollout_position`` = its index in the rollout
+    dump and ``log_probs`` restored to the full response length)."""
+    out: dict[int, np.ndarray] = {}
+    for path in sorted(train_dir.glob(f"{rollout_id}.pt")) + sorted(train_dir.glob(f"{rollout_id}_*.pt")):
+        hf = HashedFile(path, root)
+        files.append(hf)
+        obj = load_torch_file(hf.read_bytes(), str(path))
+        if not isinstance(obj, dict) or not isinstance(obj.get("samples"), list) or obj.get("rollout_id") != rollout_id:
+            raise SourceError(f"{path}: not a slime train debug file of rollout {rollout_id} (no 'samples' list)")
+        for j, t in enumerate(obj["samples"]):
+            if not isinstance(t, dict) or not isinstance(t.get("rollout_position"), int) or t.get("log_probs") is None:
+                raise SourceError(f"{path}: sample {j}: no rollout_position/log_probs (format_version 2 needed)")
+            out.setdefault(t["rollout_position"], _floats(t["log_probs"], f"{path}: sample {j}", "log_probs"))
+    return out
 
 
 def _ints(v: Any, where: str, what: str) -> np.ndarray:
@@ -110,7 +138,8 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _add(sink: ImportSink, s: Any, where: str, rollout_id: int, split: str, seen: dict[Any, int], eid: str,
-         requested: dict[str, Any] | None, cfg: dict[str, Any], stats: dict[str, Any]) -> None:
+         requested: dict[str, Any] | None, cfg: dict[str, Any], stats: dict[str, Any],
+         trained: np.ndarray | None = None) -> None:
     if not isinstance(s, dict) or "tokens" not in s or "response_length" not in s:
         raise SourceError(f"{where}: not a slime Sample dict (no tokens/response_length)")
     stats["keys"].update(s)
@@ -135,6 +164,12 @@ def _add(sink: ImportSink, s: Any, where: str, rollout_id: int, split: str, seen
         lp = lp.copy()
         lp[mask == 0] = np.nan  # slime writes 0.0 there: tokens the engine did not generate
         stats["masked"] += 1
+    if trained is not None:
+        if len(trained) != r:
+            raise SourceError(f"{where}: {len(trained)} trainer log_probs for response_length {r}")
+        if mask is not None and not mask.all():
+            trained = trained.copy()
+            trained[mask == 0] = np.nan  # not trained on: no trainer row
     wv_raw = s.get("weight_versions") or []
     try:
         wv = [int(v) for v in wv_raw]
@@ -171,6 +206,7 @@ def _add(sink: ImportSink, s: Any, where: str, rollout_id: int, split: str, seen
     res = dict(requested) if requested is not None else None
     sink.add_request(
         output=toks[p:].astype(np.int32), prompt=toks[:p].astype(np.int32), logprob=lp, version=version,
+        trainer=trained,
         engine_id=eid, step=rollout_id, group_id=None if gi is None else f"{split}-{rollout_id}-{gi}",
         sample_idx=idx if gi is not None else None,
         finish_reason=_FINISH.get(str(status)) if status is not None else None,
@@ -223,14 +259,14 @@ def _null_reasons(sink: ImportSink, cfg: dict[str, Any], st: dict[str, Any]) -> 
     sink.null("requests.min_p", "slime does not pass min_p")
     sink.null("requests.stop_reason", "not in the Sample (status only)")
     sink.null("requests.engine_request_id", "not in the Sample (extra.index is slime's sample counter)")
-    for c in ("t_submit", "t_first_token", "t_finish"):
-        sink.null(f"requests.{c}", "the Sample has no timestamps")
+    null_all(sink, ("t_submit", "t_first_token", "t_finish"), "the Sample has no timestamps")
     sink.null("tokens.top_token_ids", "slime keeps top-p kept ids (rollout_top_p_token_ids), not top-k logprobs")
     sink.null("tokens.top_logprobs", "slime keeps no top-k logprobs")
-    sink.null("trainer", "the rollout dump has no trainer logprobs (they are in --save-debug-train-data, not imported)")
+    if not st["trained"]:
+        sink.null("trainer", "no --save-debug-train-data files beside the rollout dump (train_data/{rollout_id}.pt, "
+                             "as --dump-details writes them): the rollout dump has no trainer logprobs")
     sink.null("weights", "slime keeps no weight snapshot per version; replay uses --model for every version")
     sink.null("weight_syncs", "the dump has versions but no update times")
     if not cfg:
         why = "no slime arguments given (--config: a JSON/YAML of slime's args, e.g. the wandb config)"
-        for c in ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "max_tokens"):
-            sink.null(f"requests.{c}", why)
+        null_all(sink, ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "max_tokens"), why)

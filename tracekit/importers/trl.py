@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SourceError
-from .base import HashedFile, ImportResult, ImportSink, load_config
+from .base import HashedFile, ImportResult, ImportSink, null_all, open_source
 from .engine import engine_row, note_engine_nulls
 from .text import TEXT_NOTES, TEXT_NULLS, load_tokenizer, tokenize
 
@@ -37,10 +37,6 @@ _SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": None, "repet
 
 
 def find_files(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise SourceError(f"{src}: no such file or directory")
     d = src / "completions" if (src / "completions").is_dir() else src
     files = sorted(d.glob("completions_*.parquet")) or sorted(d.glob("*.parquet"))
     if not files:
@@ -53,12 +49,9 @@ def import_trl(src: str | os.PathLike[str], out: str | os.PathLike[str], *, mode
     """Import TRL GRPO completions tables (text only: ``model`` tokenizes them)."""
     import pyarrow.parquet as pq
 
-    src = Path(src)
-    paths = find_files(src)
-    root = src if src.is_dir() else src.parent
-    cfg, cfg_file = load_config(config, root)
+    source = open_source(src, config, find_files)
+    paths, root, cfg, files = source.paths, source.root, source.cfg, source.files
     tok = load_tokenizer(model, "TRL")
-    files: list[HashedFile] = [cfg_file] if cfg_file else []
     g = cfg.get("num_generations")
     weights = cfg.get("reward_weights")
     with ImportSink(out, source_format="trl") as sink:
@@ -151,9 +144,8 @@ def _nulls(sink: ImportSink, cfg: dict[str, Any], ungrouped: int) -> None:
     sink.null("trainer", "TRL keeps sampling_per_token_logps and the policy's logprobs in memory only")
     if not cfg:
         why = "no GRPOConfig given (--config: its JSON/YAML)"
-        for c in ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "min_p", "max_tokens",
-                  "group_id", "sample_idx"):
-            sink.null(f"requests.{c}", why)
+        null_all(sink, ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "min_p",
+                        "max_tokens", "group_id", "sample_idx"), why)
     elif ungrouped:
         sink.null("requests.group_id", f"{ungrouped} table(s) are not whole groups of num_generations equal prompts")
         sink.null("requests.sample_idx", "see group_id")

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError
-from .base import HashedFile, ImportResult, ImportSink, get_path, load_config, parse_json_line
+from .base import (
+    HashedFile,
+    ImportResult,
+    ImportSink,
+    get_path,
+    null_all,
+    open_source,
+    parse_json_line,
+)
 from .engine import engine_row, note_engine_nulls
 from .text import TEXT_NOTES, TEXT_NULLS, load_tokenizer, tokenize
 
@@ -32,10 +40,6 @@ _ROWS = 4096  # rows tokenized and written at once
 
 
 def find_files(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise SourceError(f"{src}: no such file or directory")
     files = sorted(src.glob("*.jsonl"), key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
     if not files:
         raise SourceError(f"{src}: no verl rollout dumps (<step>.jsonl)")
@@ -45,12 +49,9 @@ def find_files(src: Path) -> list[Path]:
 def import_verl(src: str | os.PathLike[str], out: str | os.PathLike[str], *, model: str | None = None,
                 config: str | os.PathLike[str] | None = None) -> ImportResult:
     """Import verl rollout/validation dumps (text only: ``model`` tokenizes them)."""
-    src = Path(src)
-    paths = find_files(src)
-    root = src if src.is_dir() else src.parent
-    cfg, cfg_file = load_config(config, root)
+    source = open_source(src, config, find_files)
+    paths, root, cfg, files = source.paths, source.root, source.cfg, source.files
     tok = load_tokenizer(model, "verl")
-    files: list[HashedFile] = [cfg_file] if cfg_file else []
     with ImportSink(out, source_format="verl") as sink:
         eid, requested = _engine(sink, cfg, model)
         old = False
@@ -79,8 +80,7 @@ def import_verl(src: str | os.PathLike[str], out: str | os.PathLike[str], *, mod
         sink.null("trainer", "verl does not dump old_log_probs / rollout_log_probs (they live in the batch only)")
         if not cfg:
             why = "no verl config given (--config: the run's Hydra config.yaml)"
-            for c in ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "max_tokens"):
-                sink.null(f"requests.{c}", why)
+            null_all(sink, ("sampling_requested", "sampling_resolved", "temperature", "top_p", "top_k", "max_tokens"), why)
         version = (f"rollout_data_dir JSONL as written by {SOURCE} (v0.6.0 and later; "
                    + ("no 'gts' key: an older release, v0.4.1/v0.5.0)" if old else "with 'gts')"))
         return sink.commit(source_version=version, files=files, extra={"source": SOURCE})
