@@ -137,6 +137,8 @@ def test_pipelinerl_imported_trace_works_downstream(tmp_path: Path, tok: Any) ->
         r = run_cli(*args)
         assert r.returncode == 0, (args, r.stderr)
     assert "ok:" in run_cli("validate", str(out)).stdout
+    info = json.loads(run_cli("info", str(out), "--format", "json").stdout)
+    assert info["import"]["source_format"] == "pipelinerl" and info["requests"] == 12
     r = run_cli("attribute", str(out), "--no-replay", "--format", "json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)

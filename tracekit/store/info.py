@@ -71,6 +71,8 @@ def info(root: str | Path) -> dict[str, Any]:
             "size_bytes": size,
             "tokens_bytes": tok_bytes,
             "bytes_per_token": (tok_bytes / n_tokens) if n_tokens else None,
+            # `tracekit import` provenance (source format/version, input hashes, null reasons), or None
+            "import": trace.manifest.get("import"),
         }
     except duckdb.Error as e:  # footers were fine, a data page is not
         raise TraceFormatError(f"{trace.root}: unreadable data ({one_line(e)}); run `tracekit validate`") from None
