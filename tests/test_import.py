@@ -462,3 +462,57 @@ def test_import_bench_runs(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "M tokens/s" in r.stdout and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("stack", ["pipelinerl", "slime", "trl", "verl"])
+def test_mutated_dumps_import_or_fail_with_a_tracekit_error(tmp_path: Path, tok: Any, tiny_model: Path,
+                                                            stack: str) -> None:
+    """Seeded byte flips, truncations and garbage in each stack's dump: the import either succeeds
+    or raises a TracekitError (one line, exit 2 in the CLI); never another exception, never a
+    partial trace."""
+    import random
+
+    from tracekit.errors import TracekitError
+
+    src = tmp_path / "src"
+    if stack == "pipelinerl":
+        _pipelinerl_run(src, tok, groups=3)
+        target = src / "streams" / "actor" / "0" / "0" / "0.jsonl"
+    elif stack == "slime":
+        target = write_slime_rollout(str(src / "{rollout_id}.pt"), 0, _slime_samples(0))
+    elif stack == "trl":
+        target = write_trl_completions(src, 1, ["a b", "a b"], ["c", "d"], {"r": [1.0, None]}, [0.0, 0.0])
+    else:
+        target = write_verl_dump(src, 1, ["a b", "a b"], ["c", "d"], ["x", None], [1.0, 0.0], {"acc": [1, 0]})
+    good = target.read_bytes()
+    rng = random.Random(hash(stack) & 0xFFFF)
+    kw = {"model": str(tiny_model)} if stack in ("trl", "verl") else {}
+    outcomes = {"ok": 0, "refused": 0}
+    for case in range(25):
+        data = bytearray(good)
+        kind = case % 5
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                i = rng.randrange(len(data))
+                data[i] = rng.randrange(256)
+        elif kind == 1:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 2:
+            i = rng.randrange(len(data))
+            data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        elif kind == 3:
+            i, j = sorted(rng.randrange(len(data)) for _ in range(2))
+            del data[i:j]
+        else:
+            data = bytearray(rng.randbytes(rng.randint(0, 200)))
+        target.write_bytes(bytes(data))
+        out = tmp_path / f"t{case}"
+        try:
+            import_run(stack, src, out, **kw)
+            outcomes["ok"] += 1
+            assert Trace(out).query("SELECT count(*) FROM requests")[0][0] > 0
+        except TracekitError as e:
+            outcomes["refused"] += 1
+            assert str(e) and "\n" not in str(e).strip(), e
+            _no_leftovers(tmp_path, f"t{case}")
+    assert outcomes["refused"] >= 10, outcomes
