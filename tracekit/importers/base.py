@@ -31,6 +31,7 @@ from ..store.parquet import fsync_dir
 from ..store.writer import TraceWriter
 
 TOKEN_BATCH = 1 << 20  # tokens per batch handed to the writer (and flushed) at once
+SYNC_TOKENS = 4 * TOKEN_BATCH  # block imports: tokens between waits for the writer
 _READ_BLOCK = 1 << 22
 
 
@@ -375,15 +376,15 @@ class ImportSink:
         ``columns`` are per-request requests columns (lists or Arrow arrays), ``output`` /
         ``prompt`` the concatenated token ids with their per-request lengths, ``logprob`` (NaN =
         null) and ``version`` (-1 = null) per output token."""
-        self.flush()
+        if self._b.rows:  # queued row-wise requests first: ids stay in file order
+            self.flush()
         self._write_block(columns=columns, output=output, output_lens=output_lens, prompt=prompt,
                           prompt_lens=prompt_lens, prompt_null=None, logprob=logprob, version=version)
-        # The writer thread turns every TOKEN_BATCH queued rows into a part while the next block
-        # is parsed; wait only when it falls behind, so memory stays bounded by a few batches.
-        if self._unsynced >= 3 * TOKEN_BATCH:
-            written = self.writer.stats().rows_written.get("tokens", 0)
-            if self.tokens - written >= 3 * TOKEN_BATCH:
-                self._sync()
+        # The writer thread turns every TOKEN_BATCH queued tokens into a part while the next block
+        # is parsed; requests (few rows, long prompt lists) wait in its buffer until a sync, so
+        # sync every few batches: memory stays bounded and requests parts stay large.
+        if self._unsynced >= SYNC_TOKENS:
+            self._sync()
 
     def _write_block(self, *, columns: Mapping[str, Any], output: np.ndarray, output_lens: np.ndarray,
                      prompt: np.ndarray | None, prompt_lens: np.ndarray, prompt_null: np.ndarray | None,
