@@ -347,6 +347,17 @@ class Context:
             "SELECT DISTINCT weight_version FROM tokens WHERE weight_version IS NOT NULL ORDER BY 1").fetchall()]
 
     # -- replays
+    def unknown(self, *fields: str) -> str | None:
+        """Why a field a verdict reads is unknown in this trace ('table.column' or 'table'): an
+        import that could not know it says so in trace.json; None when the trace holds it."""
+        from ..importers import null_reason
+
+        for f in fields:
+            why = null_reason(self.trace.manifest, f)
+            if why:
+                return f"{f} is unknown: {why}"
+        return None
+
     def first_version(self) -> int | None:
         v = self.token_versions()
         return v[0] if v else None

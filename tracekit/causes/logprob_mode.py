@@ -61,6 +61,9 @@ class LogprobMode(Cause):
         return Ablation(switch_mode=True) if n_proc else None
 
     def decide(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> Verdict:
+        why = ctx.unknown("requests.sampling_resolved", "requests.temperature", "engines.logprobs_mode")
+        if why and (rung is None or rung.alone_closed is None):
+            return Verdict(INCONCLUSIVE, f"{why}; a replay with the model and the run config would tell")
         if any(e.signal is False and "processed_requests" in e.numbers for e in evidence):
             return Verdict(ABSENT, "every request sampled at T=1 without truncation: raw = processed")
         if rung is None or rung.alone_closed is None:

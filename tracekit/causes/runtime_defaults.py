@@ -119,6 +119,10 @@ class RuntimeDefaults(Cause):
                 reasons.append("async scheduling was on, but no unexplained gap remains")
         if not reasons:
             reasons.append("requested = resolved params, no file defaults, cache hits agree, async off")
+        why = ctx.unknown("requests.sampling_resolved", "engines.generation_config", "engines.default_sampling_params",
+                          "engines.async_scheduling")
+        if verdict == ABSENT and why:
+            return Verdict(INCONCLUSIVE, f"{why}; nothing seen in what the trace holds")
         return Verdict(verdict, "; ".join(reasons), alternative=alternative)
 
     def _params_verdict(self, ctx: Context, evidence: list[Evidence], rung: Rung | None) -> tuple[str, bool, str]:

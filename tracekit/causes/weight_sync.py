@@ -130,7 +130,10 @@ class WeightSync(Cause):
         if mismatch:
             return Verdict(PRESENT, "the trainer scored tokens under another weight version than the engine "
                            "sampled them with (an update landed mid-request or the trainer's version is off)")
+        why = ctx.unknown("tokens.weight_version", "weight_syncs")
         if rung is None or rung.replay is None:
+            if why and not stale:
+                return Verdict(INCONCLUSIVE, f"{why}; only a replay under each claimed version can tell")
             if stale:
                 return Verdict(PRESENT, "the engine checksum after an update shows another version's weights")
             if single:
