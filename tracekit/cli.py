@@ -334,14 +334,18 @@ def _q(t: Any, sql_text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
 
 
 # ---------------------------------------------------------------------- diff / attribute
+# The grouping keys of the comparison views (tracekit.compare.views.AGG_KEYS).
+by_option = click.option("--by", default="step", show_default=True,
+                         type=click.Choice(["step", "request", "position", "weight_version", "group", "sampling",
+                                            "temperature", "cache_hit", "all"]))
+
+
 @cli.command()
 @trace_arg
 @click.option("--a", "a", default="recorded", show_default=True,
               help="Source a: recorded, trainer, replay:NAME or replay:NAME:processed.")
 @click.option("--b", "b", default="trainer", show_default=True, help="Source b (Δ = a − b).")
-@click.option("--by", default="step", show_default=True,
-              type=click.Choice(["step", "request", "position", "weight_version", "group", "sampling",
-                                 "temperature", "cache_hit", "all"]))
+@by_option
 @click.option("--eps", type=float, default=0.2, show_default=True, help="Clip range: |ratio − 1| > eps.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
@@ -373,9 +377,7 @@ def diff(trace: Path, a: str, b: str, by: str, eps: float, fmt: str) -> None:
 @click.option("--a", "a", default="recorded", show_default=True,
               help="Rollout side (behaviour/old policy: the engine that sampled): recorded, trainer, replay:NAME[:processed].")
 @click.option("--b", "b", default="trainer", show_default=True, help="Training side (the policy the trainer scores with).")
-@click.option("--by", default="step", show_default=True,
-              type=click.Choice(["step", "request", "position", "weight_version", "group", "sampling",
-                                 "temperature", "cache_hit", "all"]))
+@by_option
 @click.option("--style", default="all", show_default=True, type=click.Choice(["verl", "slime", "pipelinerl", "trl", "all"]),
               help="Whose metrics, under their own names (docs/metrics.md).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
