@@ -259,7 +259,8 @@ def _migrate(ctx: Context, new_cfg: ReplayConfig, gate: tuple[str, float] | None
     if not settable:
         notes.append("no restorable setting changed: the whole gap is the version itself")
     return Migration(
-        replay=new, recorded_version=_version(changes, "recorded", ctx), new_version=_version(changes, "replay", ctx),
+        replay=new, recorded_version=_version(changes, "recorded", ctx),
+        new_version=_version(changes, "replay", ctx, fp[0].get("vllm_version") if fp else None),
         kind=kind, gap=gap, settings=settings, remaining=remaining, remaining_share=rem_share,
         context_changes=context, tolerance=ctx.cal.tol, gate=gate, notes=notes + ctx.notes,
     )
@@ -271,10 +272,13 @@ def _share(g0: float, x: Metrics | None) -> float | None:
     return (g0 - x.mean_abs_delta) / g0
 
 
-def _version(changes: list[EngineChange], side: str, ctx: Context) -> str | None:
+def _version(changes: list[EngineChange], side: str, ctx: Context, fallback: str | None = None) -> str | None:
+    """The vLLM version of one side: from the diff when it changed, else the fingerprint's."""
     for c in changes:
         if c.knob == "vllm_version":
             return str(getattr(c, side))
+    if fallback is not None:
+        return str(fallback)
     eng = ctx.record_engines()
     return str(eng[0].get("vllm_version")) if eng else None
 
