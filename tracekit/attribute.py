@@ -32,6 +32,7 @@ from .causes.context import (
 )
 from .compare.engines import EngineChange, engine_changes
 from .compare.metrics import Metrics, json_safe
+from .errors import TracekitError
 from .store.reader import Trace
 
 __all__ = ["ATTR_PREFIX", "Attribution", "AttributionError", "CauseResult", "Context", "ReplayConfig", "Rung",
@@ -273,8 +274,13 @@ def attribute(
         if migration and replay:
             from .migration import migrate
 
-            mig = migrate(t, python=python, engine_args=engine_args, hf_overrides=hf_overrides, gate=gate,
-                          thresholds=th, progress=progress, model=model)
+            try:
+                mig = migrate(t, python=python, engine_args=engine_args, hf_overrides=hf_overrides, gate=gate,
+                              thresholds=th, progress=progress, model=model)
+            except TracekitError as e:
+                if gate is not None:  # a gate that could not be evaluated must not pass
+                    raise
+                ctx.notes.append(f"migration audit could not run: {e}")  # the cause verdicts still stand
         evidence = {c.id: c.evidence(ctx) for c in causes}
         gap = ctx.metrics("recorded", "trainer") if ctx.has_trainer else None
         ladder = build_ladder(ctx, causes, evidence) if ctx.has_trainer else []
