@@ -170,3 +170,18 @@ def test_replay_that_cannot_run_degrades_to_signatures(tmp_path: Path) -> None:
     res = attribute(_trace(tmp_path / "t", noise=0.2, engine={"async_scheduling": True}))
     assert any("could not run" in n and "--model" in n for n in res.notes), res.notes
     assert res.replays_run == [] and "runtime_defaults" in res.found()
+
+
+def test_a_migration_gate_that_cannot_run_fails_loudly(tmp_path: Path) -> None:
+    """The new engine cannot run (here: no model): with a gate that is a one-line error (exit 2),
+    never a pass; without one the cause verdicts stand and a note says why."""
+    from tracekit.errors import TracekitError
+
+    t = _trace(tmp_path / "t", noise=0.02)
+    with pytest.raises(TracekitError):
+        attribute(t, python="/bin/false", migration=True, gate=("clip_rate", 0.01))
+    res = attribute(t, python="/bin/false", migration=True, replay=True)
+    assert res.migration is None and any("migration audit could not run" in n for n in res.notes)
+    r = CliRunner().invoke(cli, ["attribute", str(t), "--python", "/bin/false", "--gate", "clip_rate=0.01",
+                                 "--fail-on", "any"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
