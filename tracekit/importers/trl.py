@@ -64,12 +64,13 @@ def import_trl(src: str | os.PathLike[str], out: str | os.PathLike[str], *, mode
             hf.hash_only()
             try:
                 t = pq.read_table(path)
+                missing = [c for c in ("step", "prompt", "completion") if c not in t.column_names]
+                # pyarrow does not validate strings on read: corrupt UTF-8 fails when decoded here
+                d = {c: t.column(c).to_pylist() for c in t.column_names if c != "__index_level_0__"}
             except Exception as e:  # noqa: BLE001 - pyarrow's errors for corrupt/truncated files vary
                 raise SourceError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None
-            missing = [c for c in ("step", "prompt", "completion") if c not in t.column_names]
             if missing:
                 raise SourceError(f"{path}: not a TRL completions table (no {', '.join(missing)} column)")
-            d = {c: t.column(c).to_pylist() for c in t.column_names if c != "__index_level_0__"}
             key = (d["prompt"], d["completion"])
             if key == prev:  # the same generation logged again (logging_steps < steps_per_generation)
                 dup += 1
