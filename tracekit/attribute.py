@@ -128,13 +128,7 @@ def build_ladder(ctx: Context, causes: list[Cause], evidence: dict[str, list[Evi
     names: dict[ReplayConfig, str | None] = {}
     for cfg in dict.fromkeys(cfgs):  # the faithful replay first: it calibrates the noise
         names[cfg] = ctx.replay_for(cfg)
-    used = [n for n in names.values() if n]
-    if used:
-        ids = ", ".join(_sql_lit(n) for n in dict.fromkeys(used))
-        ctx.common_where = (
-            f"request_id IN (SELECT request_id FROM replay_requests WHERE replay IN ({ids}) AND status = 'ok' "
-            f"GROUP BY request_id HAVING count(DISTINCT replay) = {len(set(used))})"
-        )
+    ctx.restrict_to([n for n in names.values() if n])
     if names.get(base):
         ctx.calibrate(names[base])  # type: ignore[arg-type]
 
@@ -231,10 +225,6 @@ def _replay_of(source: str) -> str | None:
     if not source.startswith("replay:"):
         return None
     return source.split(":")[1]
-
-
-def _sql_lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 # ---------------------------------------------------------------------- entry point

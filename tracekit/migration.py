@@ -217,16 +217,14 @@ def _migrate(ctx: Context, new_cfg: ReplayConfig, gate: tuple[str, float] | None
     names = {k: ctx.replay_for(cfg) for k, cfg in cfgs.items()}
     all_name = ctx.replay_for(restored(None))
     rec_all_kind = next((r["kind"] for _c, r in settable if "kind" in r), kind)
-    used = [new] + [n for n in names.values() if n]
-    ids = ", ".join("'" + n.replace("'", "''") + "'" for n in dict.fromkeys(used))
-    ctx.common_where = (f"request_id IN (SELECT request_id FROM replay_requests WHERE replay IN ({ids}) AND "
-                        f"status = 'ok' GROUP BY request_id HAVING count(DISTINCT replay) = {len(set(used))})")
+    ctx.restrict_to([new] + [n for n in names.values() if n])
 
     def m(name: str | None, k: str) -> Metrics | None:
         return None if name is None else ctx.metrics("recorded", ctx.source(name, k), ctx.common_where)
 
     gap = m(new, kind)
     g0 = gap.mean_abs_delta if gap else None
+    all_restored = m(all_name, rec_all_kind)
     settings: list[SettingEffect] = []
     cur_name, cur_kind = new, kind
     for c, r in settable:
@@ -244,7 +242,6 @@ def _migrate(ctx: Context, new_cfg: ReplayConfig, gate: tuple[str, float] | None
             s.alone, s.cumulative = m(a, kind), m(cu, cur_kind)
             cur_name = cu or cur_name
         s.without = m(names.get(f"but:{c.knob}"), kind if "kind" in r else rec_all_kind)
-        all_restored = m(all_name, rec_all_kind)
         if g0:
             s.share_alone = _share(g0, s.alone)
             s.share_cumulative = _share(g0, s.cumulative)

@@ -347,6 +347,17 @@ class Context:
             "SELECT DISTINCT weight_version FROM tokens WHERE weight_version IS NOT NULL ORDER BY 1").fetchall()]
 
     # -- replays
+    def restrict_to(self, replays: list[str]) -> None:
+        """Compare on the requests every one of ``replays`` scored ok (``common_where``)."""
+        used = list(dict.fromkeys(replays))
+        if not used:
+            return
+        ids = ", ".join("'" + n.replace("'", "''") + "'" for n in used)
+        self.common_where = (
+            f"request_id IN (SELECT request_id FROM replay_requests WHERE replay IN ({ids}) AND status = 'ok' "
+            f"GROUP BY request_id HAVING count(DISTINCT replay) = {len(used)})"
+        )
+
     def unknown(self, *fields: str) -> str | None:
         """Why a field a verdict reads is unknown in this trace ('table.column' or 'table'): an
         import that could not know it says so in trace.json; None when the trace holds it."""
