@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -103,11 +104,14 @@ def replay(
     progress: bool = True,
     model: str | None = None,
     chunk_requests: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
     """Re-execute the trace's requests into ``replays/<name>/`` and return the counts.
 
     ``engine_args`` / ``hf_overrides`` use vLLM's own names and override the recorded engine
     fingerprint one by one; ``model`` replaces a recorded model path that does not exist here.
+    ``on_progress(requests, tokens)`` is called after each committed batch (a Ray shard reports
+    to the driver's single progress bar with it).
     """
     from ..store.reader import Trace
     from ..store.writer import TraceWriter
@@ -172,7 +176,8 @@ def replay(
                 "hf_overrides": hf,
                 "reference": {"dtype": overrides.get("dtype", "float32"), "head_dtype": hf.get("head_dtype")},
             }
-            _run_worker(py, job, t, writer, name, mode, shard_s, plan, res, rdir, progress, chunk_requests)
+            _run_worker(py, job, t, writer, name, mode, shard_s, plan, res, rdir, progress, chunk_requests,
+                        on_progress)
     except BaseException:
         writer.close()
         if created:
@@ -288,7 +293,8 @@ def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseExcept
 
 
 def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str, mode: str, shard_s: str | None,
-                plan: Any, res: ReplayResult, rdir: Path, progress: bool, chunk: int) -> None:
+                plan: Any, res: ReplayResult, rdir: Path, progress: bool, chunk: int,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
     import threading
 
     from .worker import receive
@@ -332,6 +338,8 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
                     ntok = _commit(writer, pending, name, mode, shard_s, engine_id, res, recorded)
                     res.timeline.append((time.monotonic(), res.tokens))
                     bar.advance(len(pending), ntok)
+                    if on_progress is not None:
+                        on_progress(len(pending), ntok)
                     pending = []
                 elif kind == "started":
                     fp = dict(msg["fingerprint"])
