@@ -78,7 +78,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="tracekit")
 
 
-trace_arg = click.argument("trace", type=click.Path(path_type=Path))
+class TraceLocation(click.ParamType):
+    """A trace directory or a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem).
+
+    click.Path would fold 's3://b/p' into 's3:/b/p': a URI is passed through as a string and the
+    store opens it (tracekit/store/location.py)."""
+
+    name = "TRACE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str | Path:
+        from .store.location import is_uri
+
+        if isinstance(value, Path) or not is_uri(value):
+            return Path(value)
+        return str(value)
+
+
+TRACE = TraceLocation()
+trace_arg = click.argument("trace", type=TRACE)
 
 
 # ---------------------------------------------------------------------- render helpers
@@ -513,7 +530,7 @@ def replay_cmd(trace: Path, name: str, python: str | None, engine_arg: tuple[str
 
 # ---------------------------------------------------------------------- record / proxy
 @cli.command("record", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Trace directory to write.")
+@click.option("--out", "out", type=TRACE, required=True, help="Trace directory (or s3://bucket/prefix) to write.")
 @click.option("--snapshot-every", type=int, default=1, show_default=True,
               help="Store a weight snapshot every N versions pushed through the recorder (0: never).")
 @click.option("--flush-interval", type=float, default=1.0, show_default=True,
@@ -530,7 +547,7 @@ def record_cmd(out: Path, snapshot_every: int, flush_interval: float, command: t
 @cli.command("proxy")
 @click.option("--upstream", required=True, help="Base URL of the vLLM OpenAI server, e.g. http://127.0.0.1:8000.")
 @click.option("--listen", default="127.0.0.1:8100", show_default=True, help="HOST:PORT to serve on.")
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Trace directory to write.")
+@click.option("--out", "out", type=TRACE, required=True, help="Trace directory (or s3://bucket/prefix) to write.")
 @click.option("--engine-args", "engine_args", type=click.Path(path_type=Path),
               help="JSON (or YAML) file with the server's engine args (logprobs_mode, dtype, ...).")
 @click.option("--flush-interval", type=float, default=1.0, show_default=True)

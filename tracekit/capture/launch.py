@@ -143,11 +143,13 @@ def record_command(cmd: Sequence[str], out: str | os.PathLike[str], *, snapshot_
     """Run ``cmd`` with recording on; return its exit code (signals are forwarded)."""
     if not cmd:
         raise TracekitError("record: no command given (usage: tracekit record --out TRACE -- python train.py)")
-    out_p = Path(out)
+    from ..store.location import as_root
+
+    out_p = as_root(out)
     if out_p.exists() and not out_p.is_dir():
         raise TracekitError(f"record: --out {out_p} exists and is not a directory")
     env = dict(os.environ)
-    env[ENV_OUT] = str(out_p.resolve())
+    env[ENV_OUT] = str(out_p.resolve())  # a URI stays a URI (s3://...): the child opens it the same way
     env[ENV_SNAPSHOT_EVERY] = str(int(snapshot_every))
     env[ENV_FLUSH] = str(float(flush_interval))
     amx.child_env(env)

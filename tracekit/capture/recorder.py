@@ -130,9 +130,9 @@ class Recorder:
         max_queue_rows: int = 8 << 20,
         version_wait: float = 30.0,
     ) -> None:
-        self.root = Path(out_dir)
-        self.writer = TraceWriter(self.root, kind=kind, flush_interval=flush_interval, meta=meta,
+        self.writer = TraceWriter(out_dir, kind=kind, flush_interval=flush_interval, meta=meta,
                                   max_queue_rows=max_queue_rows)
+        self.root = self.writer.root  # a local Path or a store.location.RemotePath (s3://...)
         self.run_id = self.writer.run_id
         self.snapshot_every = int(snapshot_every)
         self.initial_weight_version = initial_weight_version

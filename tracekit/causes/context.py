@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -25,6 +27,7 @@ import duckdb
 from ..compare import views
 from ..compare.metrics import Metrics, overall
 from ..errors import TracekitError
+from ..store.location import copy_file, copy_tree, is_remote, rmtree
 from ..store.reader import Trace
 from ..store.reader import json_value as _json
 from .base import Ablation
@@ -452,7 +455,7 @@ class Context:
                     or _venv(meta.get("python")) not in ("", _venv(self.python or sys.executable))):
                 name = f"{name}-{uuid.uuid4().hex[:6]}"
             else:
-                shutil.rmtree(existing)
+                rmtree(existing)
         ov = cfg.overrides
         if cfg.requests is None:
             replay(self.trace.root, name, python=self.python, engine_args=ov["engine_args"],
@@ -472,13 +475,20 @@ class Context:
 
         rewrite = REWRITES[cfg.requests]  # type: ignore[index]
         root = self.trace.root
-        scratch = root / f".attribute-scratch-{uuid.uuid4().hex[:8]}"
-        scratch.mkdir()
+        remote = is_remote(root)
+        # A local trace's scratch sits beside it and links its tables; a remote trace (s3://...)
+        # cannot be linked to, so its scratch is a local copy of the tables the replay reads.
+        scratch = (Path(tempfile.mkdtemp(prefix="tracekit-attribute-scratch-")) if remote
+                   else root / f".attribute-scratch-{uuid.uuid4().hex[:8]}")
+        scratch.mkdir(exist_ok=remote)
         try:
-            shutil.copy2(root / "trace.json", scratch / "trace.json")
+            copy_file(root / "trace.json", scratch / "trace.json")
             for d in ("engines", "tokens", "weights", "weight_syncs"):
                 if (root / d).exists():
-                    os.symlink((root / d).resolve(), scratch / d)
+                    if remote:
+                        copy_tree(root / d, scratch / d)
+                    else:
+                        os.symlink((root / d).resolve(), scratch / d)
             rows = [rewrite(r, self) for r in self.rows("SELECT * FROM requests")]
             rows = [r for r in rows if r is not None]
             if not rows:
@@ -497,8 +507,11 @@ class Context:
             meta["counterfactual"] = cfg.requests
             meta["counterfactual_doc"] = (rewrite.__doc__ or "").strip()
             (src / "replay.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            (root / "replays").mkdir(exist_ok=True)
-            shutil.move(str(src), str(root / "replays" / name))
+            if remote:
+                copy_tree(src, root / "replays" / name)
+            else:
+                (root / "replays").mkdir(exist_ok=True)
+                shutil.move(str(src), str(root / "replays" / name))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

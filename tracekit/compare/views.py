@@ -173,14 +173,9 @@ def _sql_str(s: object) -> str:
 
 
 def _replay_rel(trace: Trace, name: str) -> str | None:
-    """read_parquet of replay ``name``'s tokens (its own directory: a filter on one replay never
-    scans the others), or None when it has no parts yet."""
-    from ..schema import table
-
-    d = table("replay_tokens").dir(trace.root, name)
-    if not any(d.glob("*.parquet")):
-        return None
-    return f"read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
+    """A scan of replay ``name``'s tokens alone (a filter on one replay never scans the others),
+    or None when it has no parts yet."""
+    return trace.scan_sql("replay_tokens", name)
 
 
 def source_sql(trace: Trace) -> dict[str, str]:

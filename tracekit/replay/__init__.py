@@ -28,6 +28,7 @@ from typing import Any, Self
 
 from .. import amx
 from ..errors import EngineError, TracekitError
+from ..store.location import RemotePath, TraceRoot, copy_file, fs_path, move, rmtree
 
 MODES = ("score", "regenerate", "forced", "reference")
 REPLAY_META = "replay.json"
@@ -47,7 +48,7 @@ class UnsupportedMode(ReplayError):
 class ReplayResult:
     name: str
     mode: str
-    path: Path
+    path: TraceRoot
     engine_id: str | None = None
     requests_ok: int = 0
     requests_error: int = 0
@@ -189,17 +190,21 @@ def replay(
     return res
 
 
-def _drop_if_empty(rdir: Path) -> None:
+def _has_parts(rdir: TraceRoot) -> bool:
+    return rdir.is_dir() and any(any(d.glob("*.parquet")) for d in rdir.iterdir() if d.is_dir())
+
+
+def _drop_if_empty(rdir: TraceRoot) -> None:
     """A replay that failed before writing any row leaves no directory (its name stays free)."""
-    if not any(rdir.glob("*/*.parquet")):
-        shutil.rmtree(rdir, ignore_errors=True)
+    if not _has_parts(rdir):
+        rmtree(rdir)
 
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
-def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> bool:
+def _write_meta(rdir: TraceRoot, meta: dict[str, Any], *, resume: bool) -> bool:
     """replay.json, written once; a later shard or resume must ask for the same replay.
 
     True when this call created it."""
@@ -215,6 +220,11 @@ def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> bool:
         return False
     rdir.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "created": _now().isoformat()}
+    if isinstance(p, RemotePath):
+        # No exclusive create on an object store: shards that start together write the same
+        # replay (mode, overrides and trace_id are checked above), and the last one stays.
+        p.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        return True
     tmp = rdir / f".{REPLAY_META}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     try:
@@ -226,10 +236,13 @@ def _write_meta(rdir: Path, meta: dict[str, Any], *, resume: bool) -> bool:
     return True
 
 
-def _update_meta(rdir: Path, **kw: Any) -> None:
+def _update_meta(rdir: TraceRoot, **kw: Any) -> None:
     p = rdir / REPLAY_META
     m = json.loads(p.read_text())
     m.update(kw)
+    if isinstance(p, RemotePath):  # an object is replaced whole when its upload completes
+        p.write_text(json.dumps(m, indent=2, default=str) + "\n")
+        return
     tmp = rdir / f".{REPLAY_META}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(m, indent=2, default=str) + "\n")
     os.replace(tmp, p)
@@ -254,14 +267,15 @@ def _cleanup_orphans(trace: Any, name: str, shard: tuple[int, int] | None) -> No
         done = ledger_ids(con, name)
     finally:
         con.close()
-    for part in sorted(tdir.glob("*.parquet")):
-        ids = set(pq.read_table(part, columns=["request_id"]).column(0).to_pylist())
+    for part in sorted(tdir.glob("*.parquet"), key=str):
+        fs, path = fs_path(part)
+        ids = set(pq.read_table(path, columns=["request_id"], filesystem=fs).column(0).to_pylist())
         if not ids or ids & done:
             continue
         if all(in_shard(sorted(ids), shard)):
             dest = trace.root / "replays" / name / "orphaned"
             dest.mkdir(exist_ok=True)
-            os.replace(part, dest / part.name)
+            move(part, dest / part.name)
 
 
 def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseException],
@@ -293,7 +307,7 @@ def _feed(stdin: Any, trace: Any, plan: Any, chunk: int, failed: list[BaseExcept
 
 
 def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str, mode: str, shard_s: str | None,
-                plan: Any, res: ReplayResult, rdir: Path, progress: bool, chunk: int,
+                plan: Any, res: ReplayResult, rdir: TraceRoot, progress: bool, chunk: int,
                 on_progress: Callable[[int, int], None] | None = None) -> None:
     import threading
 
@@ -365,9 +379,12 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
     feeder.join(timeout=10)
     if feed_errors:
         raise feed_errors[0]
-    if any(rdir.glob("*/*.parquet")):
-        (rdir / "logs").mkdir(exist_ok=True)
-        shutil.copy2(log_path, rdir / "logs" / log_path.name)
+    if _has_parts(rdir):
+        if isinstance(rdir, RemotePath):
+            copy_file(log_path, rdir / "logs" / log_path.name)
+        else:
+            (rdir / "logs").mkdir(exist_ok=True)
+            shutil.copy2(log_path, rdir / "logs" / log_path.name)
     if error is not None:
         text = error["message"]
         if error.get("traceback"):

@@ -109,7 +109,7 @@ def _shutdown(llm: Any) -> None:
         llm.llm_engine.engine_core.shutdown()
 
 
-def write_snapshot_dir(trace_root: Path, tensors: list[tuple[str, str]], model_dir: str | None, out: Path) -> Path:
+def write_snapshot_dir(trace_root: Any, tensors: list[tuple[str, str]], model_dir: str | None, out: Path) -> Path:
     """Verified blobs → ``out/model.safetensors`` + the model's config files beside it.
 
     vLLM re-reads generation defaults from the reload path in-process (docs/vllm-cpu.md), so
@@ -186,7 +186,9 @@ def reference_fingerprint(model_dir: str, dtype: str, head_dtype: str | None) ->
 
 def run(job: dict[str, Any], out: BinaryIO, inp: BinaryIO) -> None:
     mode = job["mode"]
-    trace_root = Path(job["trace"])
+    from ..store.location import as_root
+
+    trace_root = as_root(job["trace"])  # a local path or a URI (s3://...): blobs are read from it
     kwargs, dropped = dict(job["engine_recorded"]), []
     kwargs.update(job.get("engine_overrides") or {})
     if job.get("hf_overrides"):

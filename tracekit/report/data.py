@@ -24,7 +24,7 @@ JOB_METRICS = Path("job") / "metrics.json"
 
 @dataclass
 class ReportData:
-    trace: Path
+    trace: Any  # Path or store.location.RemotePath
     reference: str | None  # 'trainer' or 'recorded'
     eps: float
     summary: dict[str, Any]
@@ -57,7 +57,7 @@ def collect(trace: str | Path, *, eps: float = 0.2, max_hist: int = 200_000) -> 
             "ORDER BY source = 'trainer' DESC, source = 'recorded' DESC, source"
         ).fetchall()]
         reference = "trainer" if "trainer" in sources else ("recorded" if "recorded" in sources else None)
-        data = ReportData(Path(trace), reference, eps, _summary(con, t), _engines(con), sources)
+        data = ReportData(t.root, reference, eps, _summary(con, t), _engines(con), sources)
         data.job_metrics = _job_metrics(t.root)
         # Rewards logged later by the job (rewards/, latest per request) win over any recorded inline.
         rewards = dict(con.execute(

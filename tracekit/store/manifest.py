@@ -12,6 +12,7 @@ from typing import Any
 from .. import __version__
 from ..errors import TraceFormatError
 from ..schema import FORMAT_NAME, FORMAT_VERSION, schema_hashes, tables
+from .location import RemotePath, as_root
 from .parquet import fsync_dir
 
 MANIFEST = "trace.json"
@@ -29,9 +30,9 @@ def new_manifest(meta: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: str | Path | RemotePath) -> dict[str, Any]:
     """Parse and check ``root/trace.json``; raise TraceFormatError with a one-line reason."""
-    root = Path(root)
+    root = as_root(root)
     if not root.exists():
         raise TraceFormatError(f"{root}: no such trace directory")
     if not root.is_dir():
@@ -40,8 +41,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.exists():
         raise TraceFormatError(f"{root}: not a trace (no {MANIFEST})")
     try:
-        with open(path) as f:
-            m = json.load(f)
+        m = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TraceFormatError(f"{path}: corrupt manifest ({_short(e)})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
@@ -71,13 +71,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return m
 
 
-def ensure_manifest(root: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def ensure_manifest(root: str | Path | RemotePath, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create the trace at ``root`` if it does not exist yet, else check it is compatible.
 
     Safe against concurrent creators: the manifest is linked into place, which fails if another
     process got there first, and then that one's manifest is checked instead.
     """
-    root = Path(root)
+    root = as_root(root)
+    if isinstance(root, RemotePath):
+        return _ensure_remote(root, meta)
     path = root / MANIFEST
     if path.exists():
         return read_manifest(root)
@@ -104,6 +106,21 @@ def ensure_manifest(root: Path, meta: dict[str, Any] | None = None) -> dict[str,
         tmp.unlink(missing_ok=True)
     fsync_dir(root)
     return m
+
+
+def _ensure_remote(root: RemotePath, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Object stores have no exclusive create through pyarrow: write the manifest, then read
+    back what is there and use it, so concurrent creators converge on one trace_id (S3 reads
+    are strongly consistent). Start a trace with one writer before fanning out to many."""
+    path = root / MANIFEST
+    if path.exists():
+        return read_manifest(root)
+    if root.is_file():
+        raise TraceFormatError(f"{root}: not a directory")
+    if any(p.name != MANIFEST for p in root.iterdir()):
+        raise TraceFormatError(f"{root}: prefix is not empty and has no {MANIFEST}; not a trace")
+    path.write_text(json.dumps(new_manifest(meta), indent=2) + "\n")
+    return read_manifest(root)
 
 
 def _short(e: BaseException) -> str:

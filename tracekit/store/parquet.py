@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schema import Table
+from .location import RemotePath, TraceRoot
 
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1
@@ -51,12 +52,17 @@ def write_options(table: Table, schema: pa.Schema) -> dict[str, Any]:
     )
 
 
-def write_part_atomic(arrow_table: pa.Table, table: Table, final_path: Path) -> int:
+def write_part_atomic(arrow_table: pa.Table, table: Table, final_path: TraceRoot) -> int:
     """Write ``arrow_table`` so that ``final_path`` appears only when complete.
 
     Temp file in the same directory (hidden, not matched by ``*.parquet``), fsync, rename,
-    fsync the directory. Returns the bytes written.
+    fsync the directory. Returns the bytes written. On an object store the object appears only
+    when its upload completes (see :mod:`.location`): no temp name is needed.
     """
+    if isinstance(final_path, RemotePath):
+        with final_path.open_output() as out:
+            pq.write_table(arrow_table, out, **write_options(table, arrow_table.schema))
+        return final_path.stat().st_size
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = final_path.with_name("." + final_path.name + ".tmp")
     try:

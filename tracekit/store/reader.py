@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import QueryError, TraceFormatError
 from ..schema import Table, tables
+from .location import RemotePath, TraceRoot, as_root, fs_path
 from .manifest import read_manifest
 
 REPLAYS_DIR = "replays"
@@ -28,7 +29,7 @@ REPLAY_META = "replay.json"
 class Part:
     table: str
     replay: str | None
-    path: Path
+    path: TraceRoot
 
 
 def _sql_str(s: str | Path) -> str:
@@ -36,10 +37,13 @@ def _sql_str(s: str | Path) -> str:
 
 
 class Trace:
-    """A trace directory: manifest checked on open, tables as DuckDB views on ``connect()``."""
+    """A trace directory: manifest checked on open, tables as DuckDB views on ``connect()``.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    ``root`` is a local directory or a URI (``s3://bucket/prefix``; see :mod:`.location`).
+    """
+
+    def __init__(self, root: str | Path | RemotePath) -> None:
+        self.root: TraceRoot = as_root(root)
         self.manifest: dict[str, Any] = read_manifest(self.root)
 
     # ------------------------------------------------------------------ layout
@@ -68,10 +72,10 @@ class Trace:
                 continue
             if t.is_replay_table:
                 for r in self.replay_names():
-                    for p in sorted(t.dir(self.root, r).glob("*.parquet")):
+                    for p in sorted(t.dir(self.root, r).glob("*.parquet"), key=str):
                         yield Part(t.name, r, p)
             else:
-                for p in sorted(t.dir(self.root).glob("*.parquet")):
+                for p in sorted(t.dir(self.root).glob("*.parquet"), key=str):
                     yield Part(t.name, None, p)
 
     def size_bytes(self) -> int:
@@ -93,7 +97,7 @@ class Trace:
         con.execute(f"SET temp_directory={_sql_str(tempfile.gettempdir())}")
         try:  # DuckDB reads every footer to bind the views: a bad part must be a clear error
             for t in tables().values():
-                con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t)}")
+                con.execute(f"CREATE VIEW {t.name} AS {self._view_sql(t, con)}")
             self._create_replays_view(con)
             if install is not None:
                 install(con, self)
@@ -104,10 +108,14 @@ class Trace:
         if read_only:
             from .sql import lock_down
 
-            lock_down(con, self.root)
+            # A remote trace is read through Arrow datasets registered above: DuckDB itself
+            # needs no file access (and no httpfs extension) at all.
+            lock_down(con, None if isinstance(self.root, RemotePath) else self.root)
         return con
 
-    def _view_sql(self, t: Table) -> str:
+    def _view_sql(self, t: Table, con: duckdb.DuckDBPyConnection) -> str:
+        if isinstance(self.root, RemotePath):
+            return self._arrow_view_sql(t, con)
         if t.is_replay_table:
             names = [r for r in self.replay_names() if any(t.dir(self.root, r).glob("*.parquet"))]
             if not names:
@@ -122,6 +130,45 @@ class Trace:
         if not any(d.glob("*.parquet")):
             return _empty_select(t)
         return f"SELECT * FROM read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
+
+    def _arrow_view_sql(self, t: Table, con: duckdb.DuckDBPyConnection) -> str:
+        """A remote table: its parts as one pyarrow dataset per replay, scanned by DuckDB
+        through Arrow (projection and filter pushdown included). The table's declared schema
+        fills columns that older parts lack with nulls, as ``union_by_name`` does locally."""
+        import pyarrow.dataset as ds
+
+        fs, _ = fs_path(self.root)
+
+        def register(replay: str | None) -> str | None:
+            parts = sorted(t.dir(self.root, replay).glob("*.parquet"), key=str)
+            if not parts:
+                return None
+            name = _arrow_name(t.name, replay)
+            con.register(name, ds.dataset([fs_path(p)[1] for p in parts], schema=t.arrow_schema,
+                                          format="parquet", filesystem=fs))
+            return name
+
+        if t.is_replay_table:
+            selects = [f"SELECT {_sql_str(r)} AS replay, * FROM {a}"
+                       for r in self.replay_names() if (a := register(r)) is not None]
+            return " UNION ALL BY NAME ".join(selects) if selects else _empty_select(t, extra="NULL::VARCHAR AS replay")
+        a = register(None)
+        return f"SELECT * FROM {a}" if a else _empty_select(t)
+
+    def scan_sql(self, table: str, replay: str | None = None) -> str | None:
+        """A FROM-able scan of one table's parts (of one replay), or None when it has none.
+
+        On a connection from :meth:`connect`: a local trace reads the files in place, a remote one
+        the Arrow dataset registered there. Lets a query on one replay skip the others' files."""
+        from ..schema import table as get_table
+
+        t = get_table(table)
+        d = t.dir(self.root, replay) if t.is_replay_table else t.dir(self.root)
+        if not any(d.glob("*.parquet")):
+            return None
+        if isinstance(self.root, RemotePath):
+            return _arrow_name(table, replay)
+        return f"read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
 
     def _create_replays_view(self, con: duckdb.DuckDBPyConnection) -> None:
         rows = []
@@ -154,7 +201,11 @@ def check_part(part: Part) -> pq.FileMetaData:
 
     t = get_table(part.table)
     try:
-        md = pq.read_metadata(part.path)
+        if isinstance(part.path, RemotePath):
+            with part.path.open_input() as f:
+                md = pq.read_metadata(f)
+        else:
+            md = pq.read_metadata(part.path)
     except Exception as e:
         raise TraceFormatError(f"{part.path}: not a readable Parquet part ({one_line(e)})") from None
     schema = md.schema.to_arrow_schema()
@@ -170,6 +221,13 @@ def check_part(part: Part) -> pq.FileMetaData:
         if not f.nullable and f.name not in schema.names:
             raise TraceFormatError(f"{part.path}: required column {f.name!r} is missing")
     return md
+
+
+def _arrow_name(table: str, replay: str | None) -> str:
+    """Name of a remote table's registered Arrow dataset (replay names may hold '.' and '-')."""
+    import hashlib
+
+    return f"_arrow_{table}" if replay is None else f"_arrow_{table}_{hashlib.sha1(replay.encode()).hexdigest()[:12]}"
 
 
 def _empty_select(t: Table, extra: str | None = None) -> str:
@@ -204,7 +262,7 @@ def one_line(e: BaseException) -> str:
     return type(e).__name__
 
 
-def open_trace(root: str | Path) -> Trace:
+def open_trace(root: str | Path | RemotePath) -> Trace:
     return Trace(root)
 
 

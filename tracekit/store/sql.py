@@ -22,10 +22,12 @@ _ALLOWED = {"SELECT", "EXPLAIN", "PRAGMA"}
 _READ_PRAGMAS = ("show_tables", "show_tables_expanded", "table_info", "show", "database_size", "version")
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """Make ``con`` unable to touch anything but reading files below ``root``."""
-    root_s = str(Path(root).resolve()).replace("'", "''")
-    con.execute(f"SET allowed_directories=['{root_s}/']")
+def lock_down(con: duckdb.DuckDBPyConnection, root: Path | None) -> None:
+    """Make ``con`` unable to touch anything but reading files below ``root`` (None: no file at
+    all, for a remote trace whose tables are Arrow datasets registered before the lock)."""
+    if root is not None:
+        root_s = str(Path(root).resolve()).replace("'", "''")
+        con.execute(f"SET allowed_directories=['{root_s}/']")
     con.execute("SET enable_external_access=false")
     con.execute("SET autoload_known_extensions=false")
     con.execute("SET autoinstall_known_extensions=false")

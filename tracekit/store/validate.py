@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import TraceFormatError
 from ..schema import tables
+from .location import fs_path
 from .reader import Trace, check_part, one_line
 from .weights import verify as verify_weights
 
@@ -65,7 +66,8 @@ def validate(root: str | Path, *, deep: bool = True) -> list[Finding]:
         try:
             check_part(part)
             if deep:  # full decode with page checksums catches bit flips in data pages
-                pq.read_table(part.path, page_checksum_verification=True)
+                fs, path = fs_path(part.path)
+                pq.read_table(path, page_checksum_verification=True, filesystem=fs)
         except TraceFormatError as e:
             findings.append(Finding("error", str(e)))
         except Exception as e:

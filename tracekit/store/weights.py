@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from ..errors import TracekitError, WeightsError
+from .location import RemotePath, TraceRoot, as_root
 from .parquet import fsync_dir
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ BLOB_DIR = Path("weights") / "blobs"
 _KEY = "tensor"  # the single key inside every blob
 
 
-def blob_path(root: Path, sha: str) -> Path:
-    return Path(root) / BLOB_DIR / sha[:2] / f"{sha}.safetensors"
+def blob_path(root: str | Path | RemotePath, sha: str) -> TraceRoot:
+    return as_root(root) / BLOB_DIR / sha[:2] / f"{sha}.safetensors"
 
 
 def _serialize(t: Any) -> tuple[bytes, str, list[int]]:
@@ -51,7 +52,7 @@ def _serialize(t: Any) -> tuple[bytes, str, list[int]]:
 
 
 def put_tensors(
-    root: Path, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], *, version: int, step: int | None,
+    root: TraceRoot, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], *, version: int, step: int | None,
     run_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Store each tensor as a blob (skipping ones already present); return ``weights`` rows.
@@ -62,7 +63,7 @@ def put_tensors(
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     now = _dt.datetime.now(_dt.timezone.utc)
     rows = []
-    created: list[Path] = []
+    created: list[TraceRoot] = []
     try:
         return _put(root, items, version, step, run_id, now, rows, created)
     except BaseException:
@@ -73,13 +74,17 @@ def put_tensors(
         raise
 
 
-def _put(root: Path, items: Iterable[tuple[str, Any]], version: int, step: int | None, run_id: str | None,
-         now: _dt.datetime, rows: list[dict[str, Any]], created: list[Path]) -> list[dict[str, Any]]:
+def _put(root: TraceRoot, items: Iterable[tuple[str, Any]], version: int, step: int | None, run_id: str | None,
+         now: _dt.datetime, rows: list[dict[str, Any]], created: list[TraceRoot]) -> list[dict[str, Any]]:
     for name, t in items:
         data, dtype, shape = _serialize(t)
         sha = hashlib.sha256(data).hexdigest()
         path = blob_path(root, sha)
-        if not path.exists():
+        if isinstance(path, RemotePath):  # content-addressed: an object appears whole or not at all
+            if not path.exists():
+                path.write_bytes(data)
+                created.append(path)
+        elif not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # threads too
             try:
@@ -100,7 +105,7 @@ def _put(root: Path, items: Iterable[tuple[str, Any]], version: int, step: int |
     return rows
 
 
-def read_blob(root: Path, sha: str) -> bytes:
+def read_blob(root: str | Path | RemotePath, sha: str) -> bytes:
     """The verified bytes of one blob; WeightsError if missing or if the hash does not match."""
     path = blob_path(root, sha)
     try:
@@ -116,7 +121,7 @@ def read_blob(root: Path, sha: str) -> bytes:
     return data
 
 
-def _check_safetensors(data: bytes, path: Path) -> None:
+def _check_safetensors(data: bytes, path: TraceRoot) -> None:
     import json
 
     try:

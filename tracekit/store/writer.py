@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from .. import __version__
 from ..schema import Table
 from ..schema import table as get_table
+from .location import TraceRoot, as_root, is_uri
 from .manifest import ensure_manifest
 from .parquet import write_part_atomic
 
@@ -97,7 +98,7 @@ class TraceWriter:
         max_queue_rows: int = 8 << 20,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root: TraceRoot = Path(str(root)) if is_uri(root) else Path(root)
         self.kind = kind
         self.run_id = run_id or uuid.uuid4().hex
         self.flush_interval = float(flush_interval)
@@ -116,6 +117,7 @@ class TraceWriter:
         self._submitted: dict[str, int] = {}
         self.ok = True
         try:
+            self.root = as_root(root)  # a URI the filesystem layer refuses is a recording error
             ensure_manifest(self.root, meta)
         except Exception as e:  # never raise into the job: record and drop everything
             self.ok = False
