@@ -233,3 +233,25 @@ def test_bad_locations_are_one_line_exit_2(s3: Any, tmp_path: Path) -> None:
     # Bad SQL on a remote trace.
     r = run_cli("sql", uri, "SELEC nonsense")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_import_into_the_bucket_equals_a_local_import(s3: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """``tracekit import --out s3://...``: built locally, uploaded with trace.json last; the same
+    rows as a local import of the same dumps, and an existing prefix is refused."""
+    from test_import import CHAT_TEMPLATE, _pipelinerl_run
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok.chat_template = CHAT_TEMPLATE
+    exp = tmp_path / "exp"
+    _pipelinerl_run(exp, tok)
+    uri = f"s3://{BUCKET}/imported/pipelinerl"
+    r = run_cli("import", "pipelinerl", str(exp), "--out", uri)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("import", "pipelinerl", str(exp), "--out", str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr
+    q = "SELECT request_id, prompt_token_ids, output_token_ids, weight_version_start FROM requests ORDER BY ALL"
+    assert Trace(uri).query(q) == Trace(tmp_path / "local").query(q) and len(Trace(uri).query(q)) == 12
+    assert json.loads((as_root(uri) / "trace.json").read_text())["import"]["source_format"] == "pipelinerl"
+    r = run_cli("import", "pipelinerl", str(exp), "--out", uri)
+    assert r.returncode == 2 and "already exists" in r.stderr and r.stderr.count("\n") == 1

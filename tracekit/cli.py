@@ -591,7 +591,7 @@ def import_group() -> None:
 def _import_command(stack: str, src_help: str) -> None:
     @import_group.command(stack, help=f"Import {src_help} into a new trace at --out (docs/import.md).")
     @click.argument("src", type=click.Path(path_type=Path))
-    @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+    @click.option("--out", "out", type=TRACE, required=True,
                   help="Trace directory to create (must not exist; written atomically).")
     @click.option("--model", type=click.Path(exists=True, file_okay=False),
                   help="Model directory: its tokenizer tokenizes text-only sources, its generation_config "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,7 @@ import pyarrow as pa
 
 from ..errors import SourceError, TraceFormatError
 from ..schema import table as get_table
+from ..store.location import RemotePath, as_root, copy_file, copy_tree
 from ..store.manifest import MANIFEST
 from ..store.parquet import fsync_dir
 from ..store.writer import TraceWriter
@@ -269,15 +271,20 @@ class ImportSink:
     renames it into place and writes the provenance block into trace.json."""
 
     def __init__(self, out: str | os.PathLike[str], *, source_format: str) -> None:
-        self.out = Path(out)
+        self.out = as_root(out)
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise TraceFormatError(f"{self.out}: already exists; an import never writes into an existing path")
         self.source_format = source_format
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TraceFormatError(f"{self.out.parent}: cannot create ({e.strerror or e})") from None
-        self.tmp = self.out.parent / f".{self.out.name}.import-{uuid.uuid4().hex[:8]}.tmp"
+        if isinstance(self.out, RemotePath):
+            # An object store has no rename: build the trace locally, upload it at commit with
+            # trace.json last, so the prefix is not a trace until every part is there.
+            self.tmp = Path(tempfile.mkdtemp(prefix="tracekit-import-")) / "trace"
+        else:
+            try:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TraceFormatError(f"{self.out.parent}: cannot create ({e.strerror or e})") from None
+            self.tmp = self.out.parent / f".{self.out.name}.import-{uuid.uuid4().hex[:8]}.tmp"
         self.writer = TraceWriter(self.tmp, kind="import", flush_interval=3600.0, part_max_rows=TOKEN_BATCH,
                                   max_queue_rows=8 * TOKEN_BATCH)
         if not self.writer.ok:
@@ -307,7 +314,7 @@ class ImportSink:
         try:
             self.writer.close(timeout=10.0)
         finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            shutil.rmtree(self.tmp.parent if isinstance(self.out, RemotePath) else self.tmp, ignore_errors=True)
 
     # -------------------------------------------------------------- rows
     def null(self, column: str, reason: str) -> None:
@@ -501,14 +508,34 @@ class ImportSink:
             os.fsync(f.fileno())
         os.replace(tmp, mpath)
         fsync_dir(self.tmp)
-        try:
-            os.rename(self.tmp, self.out)
-        except OSError as e:
-            raise TraceFormatError(f"{self.out}: cannot move the finished import into place ({e.strerror or e})") from None
+        if isinstance(self.out, RemotePath):
+            self._upload()
+        else:
+            try:
+                os.rename(self.tmp, self.out)
+            except OSError as e:
+                raise TraceFormatError(f"{self.out}: cannot move the finished import into place ({e.strerror or e})") from None
+            fsync_dir(self.out.parent)
         self._done = True
-        fsync_dir(self.out.parent)
         return ImportResult(self.out, self.source_format, source_version, self.requests, self.tokens, seconds,
                             block["files"], block["null_fields"], list(self.notes))
+
+
+    def _upload(self) -> None:
+        assert isinstance(self.out, RemotePath)
+        try:
+            for p in sorted(self.tmp.iterdir()):
+                if p.name == MANIFEST:
+                    continue
+                if p.is_dir():
+                    copy_tree(p, self.out / p.name)
+                else:
+                    copy_file(p, self.out / p.name)
+            copy_file(self.tmp / MANIFEST, self.out / MANIFEST)  # last: now it is a trace
+        except OSError as e:
+            raise TraceFormatError(f"{self.out}: cannot upload the finished import ({str(e).splitlines()[0]})") from None
+        finally:
+            shutil.rmtree(self.tmp.parent, ignore_errors=True)
 
 
 def jsonish(v: Any) -> Any:

@@ -181,7 +181,16 @@ class Trace:
 
     def check_parts(self) -> None:
         """Read every part's footer; raise TraceFormatError naming the first bad file."""
-        for part in self.parts():
+        parts = list(self.parts())
+        if isinstance(self.root, RemotePath) and len(parts) > 1:
+            # One round trip per footer: overlap them (the first bad part in order is still named).
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:
+                for _ in pool.map(check_part, parts):
+                    pass
+            return
+        for part in parts:
             check_part(part)
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
