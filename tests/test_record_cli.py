@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from engine_noise import measure, recorded_requests
+from proc import run_group
 
 from tracekit.store.reader import Trace
 
@@ -79,14 +79,8 @@ def test_zero_code_record_matches_api_path_on_multiprocess_engine(engine_pool, t
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the default engine users run
     cmd = [sys.executable, "-m", "tracekit.cli", "record", "--out", str(tmp_path / "zc"), "--flush-interval", "0.5",
            "--", sys.executable, str(job), str(tiny_model), str(tmp_path / "out.json")]
-    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = p.communicate(timeout=600)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 0, log[-3000:]
+    rc, log = run_group(cmd, env=env, timeout=600)
+    assert rc == 0, log[-3000:]
     zc = _rows(tmp_path / "zc")
     api, tol = _api_trace(engine_pool, tiny_model, tmp_path / "api")
     assert_same_content(zc, api, tol)

@@ -4,13 +4,11 @@ no engine checksums — feature detection must fall back, not crash, and say so 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+from proc import run_group
 
 from tracekit.store.reader import Trace
 
@@ -56,15 +54,8 @@ def run_job(python: str, job: str, args: list, tmp_path: Path, env: dict | None 
     """Run a job script (source text) under ``python`` in its own process group; it must exit 0."""
     path = tmp_path / "job.py"
     path.write_text(textwrap.dedent(job))
-    p = subprocess.Popen([python, str(path), *map(str, args)], start_new_session=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        log, _ = p.communicate(timeout=900)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 0, log[-3000:]
+    rc, log = run_group([python, str(path), *map(str, args)], env=env)
+    assert rc == 0, log[-3000:]
 
 
 def test_recorder_falls_back_on_vllm_0_27(old_python, tiny_model, tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from engine_noise import measure, recorded_requests
+from proc import run_group
 from s3_server import ACCESS_KEY, SECRET_KEY, all_objects, aws_env, keys, make_bucket, s3_server
 from test_replay_support import base_tensors, perturbed, prompts, record_trace
 
@@ -143,15 +144,9 @@ def test_zero_code_record_into_the_bucket(s3: Any, tiny_model: Path, tmp_path: P
     job = tmp_path / "job.py"
     job.write_text(textwrap.dedent(JOB))
     uri = f"s3://{BUCKET}/runs/zero-code"
-    p = subprocess.Popen([*TRACEKIT, "record", "--out", uri, "--flush-interval", "0.5", "--", sys.executable, str(job),
-                          str(tiny_model)], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = p.communicate(timeout=600)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 0, log[-3000:]
+    rc, log = run_group([*TRACEKIT, "record", "--out", uri, "--flush-interval", "0.5", "--", sys.executable, str(job),
+                         str(tiny_model)], timeout=600)
+    assert rc == 0, log[-3000:]
     assert Trace(uri).query("SELECT count(*), count(DISTINCT request_id) FROM tokens") == [(12, 2)]
     assert Trace(uri).query("SELECT count(*) FILTER (WHERE event = 'close') FROM runs") == [(1,)]
 
