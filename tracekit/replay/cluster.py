@@ -160,8 +160,7 @@ def _run(ray: Any, trace: str, name: str, trace_id: str, k: int, cpus: float, gp
                 bar.note(f"{len(results)}/{k} shards done")
             attempts = ray.get(actor.attempts.remote())
     except BaseException:
-        for ref in refs:  # a shard failed or the driver was interrupted: stop the others
-            ray.cancel(ref)
+        _stop(ray, refs)
         raise
     finally:
         ray.kill(actor)
@@ -187,28 +186,31 @@ def _run_shard(progress: Any, trace: str, name: str, shard: tuple[int, int], kw:
     ray.get(progress.started.remote(shard[0], os.getpid(), ctx.get_node_id()))
 
     def on_progress(requests: int, tokens: int) -> None:
-        progress.advance.remote(requests, tokens)  # fire and forget: never slows the shard
+        progress.advance.remote(shard[0], requests, tokens)  # fire and forget: never slows the shard
 
     return replay(trace, name, shard=shard, resume=True, progress=False, on_progress=on_progress, **kw)
 
 
 class _ShardProgress:
-    """Ray actor: requests/tokens committed by all shards, and each shard's attempts (pid, node)."""
+    """Ray actor: requests/tokens committed per shard, and each shard's attempts (pid, node)."""
 
     def __init__(self, k: int) -> None:
-        self.requests = 0
-        self.tokens = 0
+        self.done: dict[int, tuple[int, int]] = {i: (0, 0) for i in range(k)}
         self.runs: dict[int, list[tuple[int, str]]] = {i: [] for i in range(k)}
 
     def started(self, shard: int, pid: int, node: str) -> None:
         self.runs[shard].append((pid, node))
 
-    def advance(self, requests: int, tokens: int) -> None:
-        self.requests += requests
-        self.tokens += tokens
+    def advance(self, shard: int, requests: int, tokens: int) -> None:
+        n, t = self.done[shard]
+        self.done[shard] = (n + requests, t + tokens)
 
     def totals(self) -> tuple[int, int]:
-        return self.requests, self.tokens
+        return sum(n for n, _ in self.done.values()), sum(t for _, t in self.done.values())
+
+    def shards(self) -> dict[int, tuple[int, int]]:
+        """shard → (requests, tokens) committed, over all its attempts."""
+        return self.done
 
     def attempts(self) -> dict[int, int]:
         return {i: len(r) for i, r in self.runs.items()}
@@ -216,6 +218,19 @@ class _ShardProgress:
     def workers(self) -> dict[int, list[tuple[int, str]]]:
         """shard → [(Ray worker pid, node id)] per attempt, the current one last."""
         return self.runs
+
+
+def _stop(ray: Any, refs: dict[Any, int]) -> None:
+    """A shard failed or the driver was interrupted: cancel the others and collect their ends
+    (a failed result nobody reads is logged by Ray as an unhandled error)."""
+    for ref in refs:
+        ray.cancel(ref)
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001, S110 - the first failure is what the user sees
+            pass
 
 
 def _get(ray: Any, ref: Any, i: int, k: int, max_retries: int) -> ReplayResult:
