@@ -105,7 +105,7 @@ def replay_on_ray(
             shards = _fit_shards(ray, num_gpus_per_shard, num_cpus_per_shard)
             notes.append(f"{shards} shard(s): what the cluster runs at once (--shards K to choose)")
         res = _run(ray, trace_s, name, trace_id, shards, num_cpus_per_shard, num_gpus_per_shard, max_retries,
-                   kw, plan.num_requests, plan.num_tokens, mode, progress, notes)
+                   kw, plan.num_requests, plan.num_tokens, mode, progress, notes, resume)
     finally:
         if started:
             ray.shutdown()
@@ -121,8 +121,9 @@ def replay_on_ray(
 
 def _run(ray: Any, trace: str, name: str, trace_id: str, k: int, cpus: float, gpus: float, max_retries: int,
          kw: dict[str, Any], total: int, total_tokens: int, mode: str, progress: bool,
-         notes: list[str]) -> ReplayResult:
-    from . import _Progress
+         notes: list[str], resume: bool) -> ReplayResult:
+    from ..store.reader import Trace
+    from . import _cleanup_orphans, _Progress
 
     runtime_env = {"env_vars": forwarded_env()}
     actor_cls = ray.remote(_ShardProgress)
@@ -135,6 +136,11 @@ def _run(ray: Any, trace: str, name: str, trace_id: str, k: int, cpus: float, gp
     except ValueError:
         raise ReplayError(f"a Ray replay {name!r} of this trace is already running on this cluster "
                           f"(actor {actor_name!r} in namespace {NAMESPACE!r}); wait for it to end or stop its job") from None
+    if resume:
+        # Token parts of an earlier run killed mid-batch, whatever its sharding (local --shard I/N,
+        # another K): moved aside once, here, while no shard runs. Each shard's own clean-up only
+        # moves parts wholly inside its shard of this K, which would miss them.
+        _cleanup_orphans(Trace(trace), name, None)
     task = ray.remote(_run_shard)
     opts = dict(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False, runtime_env=runtime_env)
     refs = {task.options(name=f"tracekit-replay:{name}:{i}/{k}", **opts).remote(actor, trace, name, (i, k), kw): i
