@@ -88,7 +88,12 @@ def cluster() -> Iterator[dict[str, Any]]:
     if ray.is_initialized():  # pragma: no cover - another module left a driver behind
         ray.shutdown()
     token = uuid.uuid4().hex
-    os.environ[TOKEN_VAR] = token
+    # Ray's token auth, explicitly off for this short-lived local cluster: with RAY_AUTH_MODE unset
+    # a head started by `ray start` turns it on when ~/.ray/auth_token exists (a local ray.init
+    # writes one) while a joining node does not, so the worker node cannot connect; and this
+    # process read its auth mode when vLLM imported ray, so it cannot switch to a token now.
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", TOKEN_VAR)}
+    os.environ.update({"RAY_AUTH_MODE": "disabled", TOKEN_VAR: token})
     tmp = tempfile.mkdtemp(prefix="tkray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     port = _free_port()
     addr = f"127.0.0.1:{port}"
@@ -118,7 +123,11 @@ def cluster() -> Iterator[dict[str, Any]]:
         _kill_groups(pgids)
         for p in _ours(token):  # a straggler in its own session (a replay worker): ours by its token
             p.kill()
-        os.environ.pop(TOKEN_VAR, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
 
 
