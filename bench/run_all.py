@@ -29,7 +29,7 @@ MINE = {
     "query": (["--tokens", "100M", "--sizes", "5M,25M", "--baseline", "5M", "--strategies", "shipped,hash,sliced,positional"],
               ["--tokens", "10M", "--sizes", "2M", "--baseline", "2M", "--strategies", "shipped,hash,positional"]),
 }
-OTHERS = ["record_overhead", "replay_throughput"]
+OTHERS = ["record_overhead", "replay_throughput", "ray_shards"]
 
 
 def run(name: str, args: list[str], json_path: Path | None) -> tuple[int, float, str]:

@@ -507,18 +507,42 @@ def attribute(trace: Path, fmt: str, fail_on: str | None, no_replay: bool, pytho
 @click.option("--chunk-requests", type=int, default=64, show_default=True,
               help="Requests per engine batch; each batch is committed (tokens, then ledger) as a unit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the shards as Ray tasks (docs/scale.md). Alone: the cluster in RAY_ADDRESS or started "
+                   "here with `ray start`, else a new local one; or 'auto', HOST:PORT, ray://HOST:PORT.")
+@click.option("--shards", type=click.IntRange(min=1), metavar="K",
+              help="With --ray: number of shards [default: as many as the cluster runs at once].")
+@click.option("--num-gpus-per-shard", type=click.FloatRange(min=0), metavar="G",
+              help="With --ray: GPUs per shard, one engine each (G > 1: tensor parallel over them) [default: 0].")
+@click.option("--num-cpus-per-shard", type=click.FloatRange(min=0), metavar="C",
+              help="With --ray: CPUs Ray reserves per shard [default: 1].")
 def replay_cmd(trace: Path, name: str, python: str | None, engine_arg: tuple[str, ...], hf_override: tuple[str, ...],
                mode: str, model: str | None, shard: str | None, limit: int | None, resume: bool,
-               allow_missing_weights: bool, chunk_requests: int, no_progress: bool) -> None:
+               allow_missing_weights: bool, chunk_requests: int, no_progress: bool, ray_address: str | None,
+               shards: int | None, num_gpus_per_shard: float | None, num_cpus_per_shard: float | None) -> None:
     """Re-execute the trace's requests on a (possibly other) vLLM, per recorded weight version."""
     from .replay import parse_kv, replay
 
-    res = replay(
-        trace, name, python=python, engine_args=parse_kv(engine_arg, "--engine-arg"),
-        hf_overrides=parse_kv(hf_override, "--hf-override"), mode=mode, shard=shard, limit=limit,
-        resume=resume, allow_missing_weights=allow_missing_weights, progress=not no_progress, model=model,
-        chunk_requests=chunk_requests,
-    )
+    common = dict(python=python, engine_args=parse_kv(engine_arg, "--engine-arg"),
+                  hf_overrides=parse_kv(hf_override, "--hf-override"), mode=mode, resume=resume,
+                  allow_missing_weights=allow_missing_weights, progress=not no_progress, model=model,
+                  chunk_requests=chunk_requests)
+    ray_opts = {"--shards": shards, "--num-gpus-per-shard": num_gpus_per_shard, "--num-cpus-per-shard": num_cpus_per_shard}
+    if ray_address is None:
+        given = [k for k, v in ray_opts.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --ray (one machine: --shard I/N per process)")
+        res = replay(trace, name, shard=shard, limit=limit, **common)  # type: ignore[arg-type]
+    else:
+        for opt, v in (("--shard", shard), ("--limit", limit)):
+            if v is not None:
+                raise click.UsageError(f"{opt} and --ray together: --ray runs every shard (--shards K)")
+        from .replay.cluster import replay_on_ray
+
+        res = replay_on_ray(trace, name, address=ray_address or None, shards=shards,
+                            num_gpus_per_shard=num_gpus_per_shard or 0,
+                            num_cpus_per_shard=1 if num_cpus_per_shard is None else num_cpus_per_shard,
+                            **common)  # type: ignore[arg-type]
     click.echo(
         f"replay {res.name} ({res.mode}, vLLM {res.target_vllm or '-'}): {res.requests_ok} ok, "
         f"{res.requests_error} error, {res.requests_skipped} skipped, {res.requests_already_done} already done; "
