@@ -322,3 +322,23 @@ def test_ray_flag_errors_exit_2_one_line(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "tracekit: error: --ray needs Ray: pip install 'tracekit[ray]'", r.stderr
+
+
+def test_ray_shards_read_and_write_a_trace_on_s3(cluster: dict[str, Any], recorded: dict[str, Any]) -> None:
+    """The trace in a bucket (a real S3-protocol server): every shard reads its weight blobs from
+    it and writes its parts into it, with credentials forwarded from the driver's AWS_* env; the
+    rows equal the local replay (uploaded with the trace)."""
+    from s3_server import aws_env, keys, make_bucket, s3_server
+
+    from tracekit.replay.cluster import replay_on_ray
+    from tracekit.store.location import as_root, copy_tree
+
+    with s3_server() as env, aws_env(env):
+        make_bucket("tk-ray")
+        uri = "s3://tk-ray/runs/trace"
+        copy_tree(recorded["root"], as_root(uri))
+        res = replay_on_ray(uri, "ray-s3", shards=2, progress=False)
+        assert (res.requests_ok, res.tokens) == (24, recorded["tokens"])
+        assert str(res.path) == f"{uri}/replays/ray-s3"
+        assert keys("tk-ray", "runs/trace/replays/ray-s3/tokens/")
+        assert_equals_local({**recorded, "root": uri}, "ray-s3")
