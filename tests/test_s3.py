@@ -116,6 +116,31 @@ def test_replay_reads_weights_from_and_writes_parts_to_the_bucket(s3_trace: dict
 
 
 @pytest.mark.engine
+def test_counterfactual_replay_of_a_bucket_trace_lands_in_the_bucket(s3_trace: dict[str, Any]) -> None:
+    """attribute's counterfactual replays (rewritten requests) cannot link a remote trace's
+    tables: they stage them locally, replay, and upload the replay beside the others."""
+    import tempfile
+
+    from tracekit.causes.context import Context, ReplayConfig, Thresholds
+
+    uri = s3_trace["uri"]
+    scratch_before = set(Path(tempfile.gettempdir()).glob("tracekit-attribute-scratch-*"))
+    ctx = Context(Trace(uri), thresholds=Thresholds(), run_replays=True, python=None)
+    try:
+        name = ctx.replay_for(ReplayConfig(requests="previous_version"))
+    finally:
+        ctx.close()
+    assert name and not ctx.notes, ctx.notes
+    t = Trace(uri)
+    assert t.replay_meta(name)["counterfactual"] == "previous_version"
+    # The v1 requests, each replayed under v0's snapshot (read from the bucket).
+    assert t.query("SELECT count(*), min(weight_version), max(weight_version) FROM replay_requests "
+                   "WHERE replay = ? AND status = 'ok'", [name]) == [(6, 0, 0)]
+    assert keys(BUCKET, f"runs/job-1/replays/{name}/tokens/")
+    assert set(Path(tempfile.gettempdir()).glob("tracekit-attribute-scratch-*")) == scratch_before
+
+
+@pytest.mark.engine
 def test_attribute_and_report_on_the_bucket(s3_trace: dict[str, Any], tmp_path: Path) -> None:
     uri = s3_trace["uri"]
     r = run_cli("attribute", uri, "--no-replay", "--format", "json")

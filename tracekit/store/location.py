@@ -221,14 +221,21 @@ def rmtree(p: TraceRoot) -> None:
 
 
 def copy_tree(src: TraceRoot, dst: TraceRoot) -> None:
-    """Copy a directory between any two locations (upload, download or local copy)."""
+    """Copy a file or a directory between any two locations (upload, download or local copy)."""
     s_fs, s_path = _fs_path(src)
     d_fs, d_path = _fs_path(dst)
+    if isinstance(dst, Path):  # a local destination needs its directories first
+        if s_fs.get_file_info(s_path).type == pafs.FileType.Directory:
+            os.makedirs(d_path, exist_ok=True)
+            for i in s_fs.get_file_info(pafs.FileSelector(s_path, recursive=True)):
+                if i.type == pafs.FileType.Directory:
+                    os.makedirs(posixpath.join(d_path, posixpath.relpath(i.path, s_path)), exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(d_path), exist_ok=True)
     pafs.copy_files(s_path, d_path, source_filesystem=s_fs, destination_filesystem=d_fs)
 
 
 def copy_file(src: TraceRoot, dst: TraceRoot) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
     copy_tree(src, dst)
 
 
