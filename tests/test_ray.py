@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine_noise import measure, recorded_requests
 from test_replay import CPU_ARGS, _sampling
-from test_replay_support import base_tensors, perturbed, prompts, record_trace
+from test_replay_support import (
+    two_version_recording,
+)
 
 from tracekit.store.reader import Trace
 
@@ -137,15 +138,9 @@ def recorded(tiny_model: Path, engine_pool: Any, tmp_path_factory: pytest.TempPa
     noise, and a local unsharded score replay of it: the reference every Ray replay must equal."""
     from tracekit.replay import replay
 
-    llm = engine_pool(tiny_model)
     root = tmp_path_factory.mktemp("ray") / "trace"
-    p = prompts(24, seed=3)
-    batches = [
-        {"version": 0, "tensors": base_tensors(tiny_model), "prompts": p[:12], "sampling": _sampling(12, 0)},
-        {"version": 1, "tensors": perturbed(tiny_model, scale=0.05), "prompts": p[12:], "sampling": _sampling(12, 100)},
-    ]
-    rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS})
-    noise = measure(llm, recorded_requests(root, 0))
+    rec = two_version_recording(root, engine_pool(tiny_model), tiny_model, _sampling, CPU_ARGS)
+    rows, noise = rec["rows"], rec["noise"]
     local = replay(root, "local", progress=False)
     assert local.requests_ok == 24
     n_tok = sum(len(r["output_token_ids"]) for r in rows.values())

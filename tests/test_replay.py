@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 from engine_noise import DETECT, FLOOR, measure, recorded_requests
-from test_replay_support import base_tensors, perturbed, prompts, record_trace
+from test_replay_support import (
+    base_tensors,
+    perturbed,
+    prompts,
+    record_trace,
+    two_version_recording,
+)
 
 from tracekit.store.reader import Trace
 
@@ -48,16 +54,8 @@ def _sampling(n: int, seed0: int) -> list[dict[str, Any]]:
 def recorded(tiny_model: Path, engine_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two-version trace (12 requests per version) recorded with raw logprobs, and the recording
     engine's noise on its v0 requests (the engine holds v0's weights again after recording)."""
-    llm = engine_pool(tiny_model)
     root = tmp_path_factory.mktemp("replay") / "trace"
-    p = prompts(24, seed=3)
-    batches = [
-        {"version": 0, "tensors": base_tensors(tiny_model), "prompts": p[:12], "sampling": _sampling(12, 0)},
-        {"version": 1, "tensors": perturbed(tiny_model, scale=0.05), "prompts": p[12:], "sampling": _sampling(12, 100)},
-    ]
-    rows = record_trace(root, llm, tiny_model, batches, engine_args={**CPU_ARGS})
-    noise = measure(llm, recorded_requests(root, 0))
-    return {"root": root, "rows": rows, "model": tiny_model, "batches": batches, "noise": noise}
+    return two_version_recording(root, engine_pool(tiny_model), tiny_model, _sampling, CPU_ARGS)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:

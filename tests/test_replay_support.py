@@ -117,6 +117,23 @@ def record_trace(
     return rows
 
 
+def two_version_recording(root: Path | str, llm: Any, model_dir: Path, sampling: Any,
+                          engine_args: dict[str, Any]) -> dict[str, Any]:
+    """test_replay's trace: 12 requests under v0 (the model's weights) and 12 under a perturbed
+    v1, ``sampling(n, seed0)`` params each; with the recording engine's noise on its v0 requests
+    (the shared engine holds v0's weights again after recording)."""
+    from engine_noise import measure, recorded_requests
+
+    p = prompts(24, seed=3)
+    batches = [
+        {"version": 0, "tensors": base_tensors(model_dir), "prompts": p[:12], "sampling": sampling(12, 0)},
+        {"version": 1, "tensors": perturbed(model_dir, scale=0.05), "prompts": p[12:], "sampling": sampling(12, 100)},
+    ]
+    rows = record_trace(root, llm, model_dir, batches, engine_args=dict(engine_args))
+    noise = measure(llm, recorded_requests(root, 0))
+    return {"root": root, "rows": rows, "model": model_dir, "batches": batches, "noise": noise}
+
+
 def test_plan_skips_requests_whose_version_is_unknown(tmp_path) -> None:
     """A token version the recorder could not know (null) is never replayed under a guess."""
     from test_metrics import make_trace
