@@ -135,6 +135,10 @@ class RemotePath:
             if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern):
                 yield RemotePath(self.fs, i.path, self.scheme)
 
+    def tree_size(self) -> int:
+        """Bytes of every object below this prefix, from one recursive listing."""
+        return sum(int(i.size or 0) for i in self._children(True) if i.type == pafs.FileType.File)
+
     # ---------------------------------------------------------------- I/O
     def open_input(self) -> Any:
         try:

@@ -79,6 +79,8 @@ class Trace:
                     yield Part(t.name, None, p)
 
     def size_bytes(self) -> int:
+        if isinstance(self.root, RemotePath):  # one listing carries every size: no stat per object
+            return self.root.tree_size()
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     # ------------------------------------------------------------------ DuckDB
