@@ -257,7 +257,10 @@ def test_proxy_batched_prompts_echo_and_a_stream_the_client_drops(server, proxy,
         # What the next full-suite run needs to explain it: every row's end, the recorder's own
         # close stats, and the proxy's last words (pytest -ra prints this reason in the summary).
         seen = [(r[4], len(r[1] or [])) for r in rows]
-        errs = Trace(trace).query("SELECT list(stats) FROM runs WHERE event = 'close'")
+        try:
+            errs: object = Trace(trace).query("SELECT list(stats) FROM runs WHERE event = 'close'")
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not turn the xfail into an error
+            errs = repr(e)
         tail = " | ".join(ln.strip() for ln in out.strip().splitlines()[-4:])
         pytest.xfail(f"the proxy recorded no row for the dropped stream (full-suite runs only; under "
                      f"investigation): rows {seen}; close errors {errs}; proxy said: {tail}")
