@@ -288,6 +288,8 @@ def _check_against_truth(res: dict, trace: Path) -> dict[str, Any]:
             else:
                 n[f"pure_v{truth}"] += 1
                 n["wrong"] += tag is not None and tag != truth
+            if tag is not None and tag != (1 if truth == "mixed" else truth) and truth is not None:
+                n.setdefault("wrong_at", []).append((rid, len(tags), tag, truth, d0, d1))
             tags.append(tag)
         per_request[rid] = tags
     n["per_request"] = per_request
@@ -302,7 +304,7 @@ def test_async_mid_stream_reload_by_the_job_against_rescored_truth(ckpts, tmp_pa
     n = _check_against_truth(res, trace)
     print({k: v for k, v in n.items() if k != "per_request"})
     assert n["ambiguous"] == 0  # v0 and v1 are told apart on every token
-    assert n["wrong"] == 0 and n["unknown"] == 0
+    assert n["wrong"] == 0 and n["unknown"] == 0, (n.get("wrong_at"), {r: n["per_request"][r] for r, *_ in n.get("wrong_at", [])})
     assert n["pure_v0"] > 0 and n["pure_v1"] > 0 and n["mixed"] > 0  # the reload landed mid-stream
     assert n["mixed_tagged_v1"] == n["mixed"]
     assert all(t == [1] * len(t) for r, t in n["per_request"].items() if r.startswith("late"))
