@@ -107,11 +107,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tk-bench-ray-"))
     try:
-        model = a.model
-        if model is None:
-            from tracekit.testing.tiny_model import build_tiny_model
-
-            model = build_tiny_model(tmp / "model", arch="qwen2", seed=0)
+        model = rt.model_dir(a.model, tmp)
         trace = tmp / "trace"
         t = time.perf_counter()
         rt.child("--_record", str(trace), str(model), str(a.requests), str(a.max_tokens))

@@ -35,6 +35,15 @@ HERE = Path(__file__).resolve()
 CPU_ARGS: dict[str, Any] = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "max_model_len": 512}
 
 
+def model_dir(given: Path | None, tmp: Path) -> Path:
+    """``--model``, or a tiny random Qwen2 built in ``tmp``."""
+    if given is not None:
+        return given
+    from tracekit.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp / "model", arch="qwen2", seed=0)
+
+
 def record(trace: Path, model: Path, n: int, max_tokens: int) -> None:
     """Child process: record ``n`` seeded T=1 requests with the real Recorder."""
     import numpy as np
@@ -121,11 +130,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tk-bench-replay-"))
     try:
-        model = a.model
-        if model is None:
-            from tracekit.testing.tiny_model import build_tiny_model
-
-            model = build_tiny_model(tmp / "model", arch="qwen2", seed=0)
+        model = model_dir(a.model, tmp)
         trace = a.keep or tmp / "trace"
         t = time.perf_counter()
         child("--_record", str(trace), str(model), str(a.requests), str(a.max_tokens))

@@ -27,7 +27,7 @@ import duckdb
 from ..compare import views
 from ..compare.metrics import Metrics, overall
 from ..errors import TracekitError
-from ..store.location import copy_file, copy_tree, is_remote, rmtree
+from ..store.location import RemotePath, copy_path, rmtree
 from ..store.reader import Trace
 from ..store.reader import json_value as _json
 from .base import Ablation
@@ -475,18 +475,18 @@ class Context:
 
         rewrite = REWRITES[cfg.requests]  # type: ignore[index]
         root = self.trace.root
-        remote = is_remote(root)
+        remote = isinstance(root, RemotePath)
         # A local trace's scratch sits beside it and links its tables; a remote trace (s3://...)
         # cannot be linked to, so its scratch is a local copy of the tables the replay reads.
         scratch = (Path(tempfile.mkdtemp(prefix="tracekit-attribute-scratch-")) if remote
                    else root / f".attribute-scratch-{uuid.uuid4().hex[:8]}")
         scratch.mkdir(exist_ok=remote)
         try:
-            copy_file(root / "trace.json", scratch / "trace.json")
+            copy_path(root / "trace.json", scratch / "trace.json")
             for d in ("engines", "tokens", "weights", "weight_syncs"):
                 if (root / d).exists():
                     if remote:
-                        copy_tree(root / d, scratch / d)
+                        copy_path(root / d, scratch / d)
                     else:
                         os.symlink((root / d).resolve(), scratch / d)
             rows = [rewrite(r, self) for r in self.rows("SELECT * FROM requests")]
@@ -508,7 +508,7 @@ class Context:
             meta["counterfactual_doc"] = (rewrite.__doc__ or "").strip()
             (src / "replay.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if remote:
-                copy_tree(src, root / "replays" / name)
+                copy_path(src, root / "replays" / name)
             else:
                 (root / "replays").mkdir(exist_ok=True)
                 shutil.move(str(src), str(root / "replays" / name))

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from ..errors import SourceError, TraceFormatError
 from ..schema import table as get_table
-from ..store.location import RemotePath, as_root, copy_file, copy_tree
+from ..store.location import RemotePath, as_root, copy_path
 from ..store.manifest import MANIFEST
 from ..store.parquet import fsync_dir
 from ..store.writer import TraceWriter
@@ -520,18 +520,13 @@ class ImportSink:
         return ImportResult(self.out, self.source_format, source_version, self.requests, self.tokens, seconds,
                             block["files"], block["null_fields"], list(self.notes))
 
-
     def _upload(self) -> None:
         assert isinstance(self.out, RemotePath)
         try:
             for p in sorted(self.tmp.iterdir()):
-                if p.name == MANIFEST:
-                    continue
-                if p.is_dir():
-                    copy_tree(p, self.out / p.name)
-                else:
-                    copy_file(p, self.out / p.name)
-            copy_file(self.tmp / MANIFEST, self.out / MANIFEST)  # last: now it is a trace
+                if p.name != MANIFEST:
+                    copy_path(p, self.out / p.name)
+            copy_path(self.tmp / MANIFEST, self.out / MANIFEST)  # last: now it is a trace
         except OSError as e:
             raise TraceFormatError(f"{self.out}: cannot upload the finished import ({str(e).splitlines()[0]})") from None
         finally:

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from .. import amx
 from ..errors import EngineError, TracekitError
-from ..store.location import RemotePath, TraceRoot, copy_file, fs_path, move, rmtree
+from ..store.location import RemotePath, TraceRoot, copy_path, fs_path, move, replace_text, rmtree
 
 MODES = ("score", "regenerate", "forced", "reference")
 REPLAY_META = "replay.json"
@@ -240,12 +240,7 @@ def _update_meta(rdir: TraceRoot, **kw: Any) -> None:
     p = rdir / REPLAY_META
     m = json.loads(p.read_text())
     m.update(kw)
-    if isinstance(p, RemotePath):  # an object is replaced whole when its upload completes
-        p.write_text(json.dumps(m, indent=2, default=str) + "\n")
-        return
-    tmp = rdir / f".{REPLAY_META}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(m, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+    replace_text(p, json.dumps(m, indent=2, default=str) + "\n")
 
 
 def _cleanup_orphans(trace: Any, name: str, shard: tuple[int, int] | None) -> None:
@@ -380,11 +375,7 @@ def _run_worker(py: str, job: dict[str, Any], trace: Any, writer: Any, name: str
     if feed_errors:
         raise feed_errors[0]
     if _has_parts(rdir):
-        if isinstance(rdir, RemotePath):
-            copy_file(log_path, rdir / "logs" / log_path.name)
-        else:
-            (rdir / "logs").mkdir(exist_ok=True)
-            shutil.copy2(log_path, rdir / "logs" / log_path.name)
+        copy_path(log_path, rdir / "logs" / log_path.name)
     if error is not None:
         text = error["message"]
         if error.get("traceback"):

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from ..errors import TracekitError
+from ..store.location import is_uri
 from . import _NAME_RE, MODES, ReplayError, ReplayResult
 
 # Driver env vars every shard needs: S3 credentials and endpoint, vLLM and tracekit knobs, HF
@@ -302,7 +303,7 @@ def _ledger_counts(t: Any, name: str) -> dict[str, tuple[int, int]]:
 
 def _abs(p: str | os.PathLike[str]) -> str:
     s = os.fspath(p)
-    return s if "://" in s else os.path.abspath(s)
+    return s if is_uri(s) else os.path.abspath(s)
 
 
 __all__ = ["ENV_PREFIXES", "forwarded_env", "replay_on_ray"]

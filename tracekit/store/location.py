@@ -199,10 +199,6 @@ def as_root(root: str | os.PathLike[str] | RemotePath) -> TraceRoot:
     return Path(text)
 
 
-def is_remote(root: object) -> bool:
-    return isinstance(root, RemotePath)
-
-
 def move(src: TraceRoot, dst: TraceRoot) -> None:
     """Rename a file (local: atomic ``os.replace``; object store: copy, then delete)."""
     if isinstance(src, RemotePath):
@@ -210,6 +206,19 @@ def move(src: TraceRoot, dst: TraceRoot) -> None:
         src.fs.move(src.path, dst.path)
     else:
         os.replace(src, dst)  # type: ignore[arg-type]
+
+
+def replace_text(p: TraceRoot, text: str) -> None:
+    """Replace a small file whole: local temp file + ``os.replace``; on an object store the new
+    object replaces the old one when its upload completes."""
+    if isinstance(p, RemotePath):
+        p.write_text(text)
+        return
+    import uuid
+
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
 
 
 def rmtree(p: TraceRoot) -> None:
@@ -224,10 +233,10 @@ def rmtree(p: TraceRoot) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def copy_tree(src: TraceRoot, dst: TraceRoot) -> None:
+def copy_path(src: TraceRoot, dst: TraceRoot) -> None:
     """Copy a file or a directory between any two locations (upload, download or local copy)."""
-    s_fs, s_path = _fs_path(src)
-    d_fs, d_path = _fs_path(dst)
+    s_fs, s_path = fs_path(src)
+    d_fs, d_path = fs_path(dst)
     if isinstance(dst, Path):  # a local destination needs its directories first
         if s_fs.get_file_info(s_path).type == pafs.FileType.Directory:
             os.makedirs(d_path, exist_ok=True)
@@ -239,21 +248,11 @@ def copy_tree(src: TraceRoot, dst: TraceRoot) -> None:
     pafs.copy_files(s_path, d_path, source_filesystem=s_fs, destination_filesystem=d_fs)
 
 
-def copy_file(src: TraceRoot, dst: TraceRoot) -> None:
-    copy_tree(src, dst)
-
-
-def _fs_path(p: TraceRoot) -> tuple[pafs.FileSystem, str]:
+def fs_path(p: TraceRoot) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for pyarrow's readers, writers and copies (a local path made absolute)."""
     if isinstance(p, RemotePath):
         return p.fs, p.path
     return pafs.LocalFileSystem(), str(Path(p).resolve())
-
-
-def fs_path(p: TraceRoot) -> tuple[pafs.FileSystem | None, str]:
-    """(filesystem, path) for pyarrow readers: None for a local path (pyarrow's default)."""
-    if isinstance(p, RemotePath):
-        return p.fs, p.path
-    return None, str(p)
 
 
 def _first_line(e: BaseException) -> str:
@@ -263,5 +262,5 @@ def _first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
-__all__ = ["LocationError", "RemotePath", "TraceRoot", "as_root", "copy_file", "copy_tree", "fs_path",
-           "is_remote", "is_uri", "move", "rmtree"]
+__all__ = ["LocationError", "RemotePath", "TraceRoot", "as_root", "copy_path", "fs_path", "is_uri", "move",
+           "replace_text", "rmtree"]

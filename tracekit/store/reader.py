@@ -128,10 +128,8 @@ class Trace:
                 f"SELECT regexp_extract(filename, {_sql_str(pattern)}, 1) AS replay, "
                 f"* EXCLUDE (filename) FROM read_parquet([{files}], union_by_name=true, filename=true)"
             )
-        d = t.dir(self.root)
-        if not any(d.glob("*.parquet")):
-            return _empty_select(t)
-        return f"SELECT * FROM read_parquet({_sql_str(d / '*.parquet')}, union_by_name=true)"
+        scan = self.scan_sql(t.name)
+        return f"SELECT * FROM {scan}" if scan else _empty_select(t)
 
     def _arrow_view_sql(self, t: Table, con: duckdb.DuckDBPyConnection) -> str:
         """A remote table: its parts as one pyarrow dataset per replay, scanned by DuckDB

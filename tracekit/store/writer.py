@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from .. import __version__
 from ..schema import Table
 from ..schema import table as get_table
-from .location import TraceRoot, as_root, is_uri
+from .location import TraceRoot, as_root
 from .manifest import ensure_manifest
 from .parquet import write_part_atomic
 
@@ -98,7 +98,7 @@ class TraceWriter:
         max_queue_rows: int = 8 << 20,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        self.root: TraceRoot = Path(str(root)) if is_uri(root) else Path(root)
+        self.root: TraceRoot = Path(str(root))  # what an error names until as_root below accepts it
         self.kind = kind
         self.run_id = run_id or uuid.uuid4().hex
         self.flush_interval = float(flush_interval)
