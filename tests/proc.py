@@ -1,9 +1,11 @@
-"""Run a command in its own process group and always reap the whole group (engine children too)."""
+"""Processes the tests start: run one in its own process group and always reap the whole group
+(engine children too); a free loopback port for a server they start."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Sequence
 
@@ -19,3 +21,9 @@ def run_group(cmd: Sequence[str], *, timeout: float = 900, env: dict[str, str] |
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     return p.returncode, log
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

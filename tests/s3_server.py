@@ -16,20 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from proc import free_port
+
 ACCESS_KEY = "tracekit-test-access-key-id"
 SECRET_KEY = "tracekit-test-secret-" + uuid.uuid4().hex  # grep-able: must never land in a trace
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
     """Start moto's server; yield the AWS_* environment that points at it."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 from engine_noise import measure, recorded_requests
+from proc import free_port
 from test_record_cli import PROMPTS, SEEDS, _api_trace, _rows, assert_same_content
 
 from tracekit import amx
@@ -20,12 +20,6 @@ from tracekit.store.reader import Trace
 pytestmark = pytest.mark.engine
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -58,7 +52,7 @@ def _reap(proc: subprocess.Popen) -> None:
 def server(tiny_model, tmp_path_factory):
     tmpl = tmp_path_factory.mktemp("srv") / "chat.jinja"
     tmpl.write_text(CHAT_TEMPLATE)
-    port = _port()
+    port = free_port()
     env = amx.child_env(dict(os.environ))  # the server's spawned engine core asks for AMX tile state
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = open(tmpl.parent / "server.log", "w")  # noqa: SIM115 - closed in finally
@@ -77,7 +71,7 @@ def server(tiny_model, tmp_path_factory):
 
 @pytest.fixture
 def proxy(server, tmp_path):
-    port = _port()
+    port = free_port()
     (tmp_path / "args.json").write_text(json.dumps({"dtype": "bfloat16", "logprobs_mode": "raw_logprobs"}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tracekit.cli", "proxy", "--upstream", server, "--listen", f"127.0.0.1:{port}",

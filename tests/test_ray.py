@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from proc import free_port
 from test_replay import CPU_ARGS, _sampling
-from test_replay_support import (
-    two_version_recording,
-)
+from test_replay_support import two_version_recording
 
 from tracekit.store.reader import Trace
 
@@ -40,11 +38,6 @@ TRACEKIT = [sys.executable, "-m", "tracekit.cli"]
 # Forwarded to every shard (TRACEKIT_ prefix): finds this module's processes, and only them.
 TOKEN_VAR = "TRACEKIT_TEST_RAY_TOKEN"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ours(token: str) -> list[Any]:
@@ -96,7 +89,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", TOKEN_VAR)}
     os.environ.update({"RAY_AUTH_MODE": "disabled", TOKEN_VAR: token})
     tmp = tempfile.mkdtemp(prefix="tkray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    port = _free_port()
+    port = free_port()
     addr = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     pgids: list[int] = []
@@ -326,12 +319,12 @@ def test_ray_shards_read_and_write_a_trace_on_s3(cluster: dict[str, Any], record
     from s3_server import aws_env, keys, make_bucket, s3_server
 
     from tracekit.replay.cluster import replay_on_ray
-    from tracekit.store.location import as_root, copy_tree
+    from tracekit.store.location import as_root, copy_path
 
     with s3_server() as env, aws_env(env):
         make_bucket("tk-ray")
         uri = "s3://tk-ray/runs/trace"
-        copy_tree(recorded["root"], as_root(uri))
+        copy_path(recorded["root"], as_root(uri))
         res = replay_on_ray(uri, "ray-s3", shards=2, progress=False)
         assert (res.requests_ok, res.tokens) == (24, recorded["tokens"])
         assert str(res.path) == f"{uri}/replays/ray-s3"

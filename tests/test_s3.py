@@ -24,7 +24,7 @@ from proc import run_group
 from s3_server import ACCESS_KEY, SECRET_KEY, all_objects, aws_env, keys, make_bucket, s3_server
 from test_replay_support import base_tensors, perturbed, prompts, record_trace
 
-from tracekit.store.location import RemotePath, as_root, copy_tree
+from tracekit.store.location import RemotePath, as_root, copy_path
 from tracekit.store.reader import Trace
 
 TRACEKIT = [sys.executable, "-m", "tracekit.cli"]
@@ -63,7 +63,7 @@ def s3_trace(s3: Any, tiny_model: Path, engine_pool: Any, tmp_path_factory: pyte
     record_trace(uri, llm, tiny_model, batches, engine_args=dict(CPU_ARGS))
     noise = measure(llm, recorded_requests(uri, 0))
     local = tmp_path_factory.mktemp("s3copy") / "trace"
-    copy_tree(as_root(uri), local)
+    copy_path(as_root(uri), local)
     return {"uri": uri, "local": local, "noise": noise, "model": tiny_model}
 
 
